@@ -1,0 +1,26 @@
+"""fusediff.kernels: fused GPU kernels with plain-PyTorch references.
+
+Each op lives in its own module with a public function, its ``*_ref`` definition and the
+dispatch between them (DESIGN.md, decision 2). Select backends with ``FUSEDIFF_KERNELS``
+(``auto``, ``fused``, ``ref``) or :func:`use_backend`.
+"""
+
+from . import scheduler_step_coeffs
+from ._backend import BACKENDS, get_backend, use_backend
+from ._ext import has_cuda_kernels
+from .scheduler_step import scheduler_step, scheduler_step_ref
+from .scheduler_step_coeffs import RULES, StepCoeffs, step_coeffs
+from . import scheduler_step_ext as _scheduler_step_ext  # noqa: F401  registers torch.ops.fusediff.scheduler_step
+
+__all__ = [
+    "BACKENDS",
+    "RULES",
+    "StepCoeffs",
+    "get_backend",
+    "has_cuda_kernels",
+    "scheduler_step",
+    "scheduler_step_coeffs",
+    "scheduler_step_ref",
+    "step_coeffs",
+    "use_backend",
+]

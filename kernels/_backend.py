@@ -1,0 +1,48 @@
+"""Kernel backend selection (DESIGN.md, decision 2).
+
+``auto`` (the default) runs the fused kernel on the CUDA tensors it supports and the PyTorch
+reference otherwise; ``fused`` also runs fused code on CPU tensors (the C++ path, or Triton
+kernels under ``TRITON_INTERPRET=1``); ``ref`` always runs the reference. The environment
+variable ``FUSEDIFF_KERNELS`` sets the default; :func:`use_backend` overrides it within a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+BACKENDS = ("auto", "fused", "ref")
+ENV_VAR = "FUSEDIFF_KERNELS"
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fusediff_kernel_backend", default=None
+)
+
+
+def _validate(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost :func:`use_backend`, else ``$FUSEDIFF_KERNELS``, else auto."""
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR)
+    if not env:
+        return "auto"
+    return _validate(env.strip().lower(), ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed block with kernel backend ``name`` (``auto``, ``fused`` or ``ref``)."""
+    token = _override.set(_validate(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)

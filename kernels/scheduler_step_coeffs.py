@@ -1,0 +1,256 @@
+"""Scheduler update rules as coefficients of the fused scheduler step.
+
+Every supported update is, per element, the same small formula (csrc/scheduler_step.h):
+
+    x0  = P_X*x + P_M*m + P_N*n                  predicted clean sample
+    x0  = clamp(x0, -clip, clip)                  when clip > 0
+    out = C_X*x + C_M*m + C_N*n + C_X0*x0 + sum_j C_H[j]*h_j
+
+with x the sample, m the model output, n the noise and h_j earlier model outputs (or earlier
+x0 predictions, for DPM-Solver++). Each function below maps one rule's scalars to a
+:class:`StepCoeffs`; they are small pure functions of Python floats, so a scheduler can build
+a whole table of steps up front. Notation: ``alpha_prod_t`` is the cumulative product
+alpha-bar_t of DDPM (Ho et al. 2020, eq. 4); ``sigma`` is the noise level of the variance-
+exploding view x = x0 + sigma*eps (Karras et al. 2022), sigma^2 = (1 - alpha-bar)/alpha-bar.
+
+Limits: per-element variances (DDPM's learned variance types) and per-sample dynamic
+thresholding are not coefficients; a scheduler pre-scales the noise, or clips, itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+NUM_COEFFS = 12  # length of the coefficient vector (csrc/scheduler_step.h, kNumCoeffs)
+MAX_HISTORY = 4  # history tensors the fused step reads at most
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCoeffs:
+    """Coefficients of one fused update; field order is the vector order of csrc/scheduler_step.h."""
+
+    p_x: float = 0.0  # x0 <- sample
+    p_m: float = 0.0  # x0 <- model output
+    p_n: float = 0.0  # x0 <- noise
+    c_x: float = 0.0  # out <- sample
+    c_m: float = 0.0  # out <- model output
+    c_n: float = 0.0  # out <- noise
+    c_x0: float = 0.0  # out <- x0 after clipping
+    c_h: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # out <- history[j]
+    clip: float = 0.0  # clip range of x0; 0 (or less) disables clipping
+
+    def __post_init__(self) -> None:
+        if len(self.c_h) > MAX_HISTORY:
+            raise ValueError(f"at most {MAX_HISTORY} history coefficients, got {len(self.c_h)}")
+        object.__setattr__(self, "c_h", tuple(self.c_h) + (0.0,) * (MAX_HISTORY - len(self.c_h)))
+
+    def as_list(self) -> list[float]:
+        """The 12 coefficients as floats, in the order the kernels read them."""
+        return [self.p_x, self.p_m, self.p_n, self.c_x, self.c_m, self.c_n, self.c_x0,
+                *self.c_h, self.clip]
+
+    def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The coefficients as a float32 tensor of shape (12,), e.g. for a CUDA-graph step."""
+        return torch.tensor(self.as_list(), dtype=torch.float32, device=device)
+
+
+def _check_prediction(prediction_type: str, allowed: Sequence[str] = PREDICTION_TYPES) -> None:
+    if prediction_type not in allowed:
+        raise ValueError(f"prediction_type must be one of {', '.join(allowed)}; got {prediction_type!r}")
+
+
+def _clip(clip_sample_range: float | None) -> float:
+    if clip_sample_range is None:
+        return 0.0
+    if not clip_sample_range > 0:
+        raise ValueError(f"clip_sample_range must be > 0 or None; got {clip_sample_range}")
+    return float(clip_sample_range)
+
+
+def _vp_predictions(alpha: float, sigma: float, prediction_type: str):
+    """x0 and eps as (coef of x, coef of m) for x = alpha*x0 + sigma*eps (Salimans & Ho 2022 for v)."""
+    if prediction_type == "epsilon":  # x0 = (x - sigma*m)/alpha
+        return (1.0 / alpha, -sigma / alpha), (0.0, 1.0)
+    if prediction_type == "sample":  # eps = (x - alpha*m)/sigma
+        return (0.0, 1.0), (1.0 / sigma, -alpha / sigma)
+    return (alpha, -sigma), (sigma, alpha)  # v: x0 = alpha*x - sigma*v, eps = alpha*v + sigma*x
+
+
+def ddpm(alpha_prod_t: float, alpha_prod_t_prev: float, *, prediction_type: str = "epsilon",
+         noise_std: float = 0.0, clip_sample_range: float | None = None) -> StepCoeffs:
+    """DDPM ancestral step, posterior mean (Ho et al. 2020, eq. 7) plus noise_std * noise."""
+    _check_prediction(prediction_type)
+    (p_x, p_m), _ = _vp_predictions(math.sqrt(alpha_prod_t), math.sqrt(1 - alpha_prod_t), prediction_type)
+    beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+    current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+    # 1. mu_t(x_t, x0) = c_x0 * x0 + c_x * x_t (eq. 7)
+    c_x0 = math.sqrt(alpha_prod_t_prev) * (1 - current_alpha_t) / beta_prod_t
+    c_x = math.sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t
+    # 2. x_{t-1} = mu_t + sigma_t * z
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_x0=c_x0, c_n=noise_std, clip=_clip(clip_sample_range))
+
+
+def ddpm_noise_std(alpha_prod_t: float, alpha_prod_t_prev: float, variance_type: str = "fixed_small") -> float:
+    """Standard deviation of DDPM's added noise for the fixed variance types (Ho et al. 2020, sec. 3.2)."""
+    current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
+    if variance_type in ("fixed_small", "fixed_small_log"):  # beta-tilde_t
+        return math.sqrt(max((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, 1e-20))
+    if variance_type == "fixed_large":  # beta_t
+        return math.sqrt(current_beta_t)
+    raise ValueError(f"variance_type must be fixed_small, fixed_small_log or fixed_large; got {variance_type!r}")
+
+
+def ddim(alpha_prod_t: float, alpha_prod_t_prev: float, *, eta: float = 0.0,
+         prediction_type: str = "epsilon", clip_sample_range: float | None = None,
+         use_clipped_model_output: bool = False) -> StepCoeffs:
+    """DDIM step (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 is DDPM-like."""
+    _check_prediction(prediction_type)
+    a, s = math.sqrt(alpha_prod_t), math.sqrt(1 - alpha_prod_t)
+    (p_x, p_m), (e_x, e_m) = _vp_predictions(a, s, prediction_type)
+    # 1. sigma_t(eta) (eq. 16)
+    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std = eta * math.sqrt(max(variance, 0.0))
+    # 2. "direction pointing to x_t": sqrt(1 - alpha_prev - sigma_t^2) * eps
+    direction = math.sqrt(max(1 - alpha_prod_t_prev - std**2, 0.0))
+    c_x0 = math.sqrt(alpha_prod_t_prev)
+    if use_clipped_model_output:  # eps re-derived from the clipped x0: (x - a*x0)/s
+        c_x, c_m, c_x0 = direction / s, 0.0, c_x0 - direction * a / s
+    else:
+        c_x, c_m = direction * e_x, direction * e_m
+    # 3. x_{t-1} = sqrt(alpha_prev) * x0 + direction + sigma_t * z
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_m=c_m, c_x0=c_x0, c_n=std, clip=_clip(clip_sample_range))
+
+
+def _ve_x0(sigma: float, prediction_type: str) -> tuple[float, float]:
+    """x0 as (coef of x, coef of m) for an unscaled sample x = x0 + sigma*eps."""
+    if prediction_type == "epsilon":
+        return 1.0, -sigma
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    return 1.0 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)  # v-prediction
+
+
+def euler(sigma: float, sigma_next: float, *, prediction_type: str = "epsilon", gamma: float = 0.0,
+          s_noise: float = 1.0) -> StepCoeffs:
+    """Euler step of the probability-flow ODE with optional churn (Karras et al. 2022, alg. 2)."""
+    _check_prediction(prediction_type)
+    # 1. churn: sigma_hat = sigma*(1 + gamma), x_hat = x + sqrt(sigma_hat^2 - sigma^2) * s_noise * z
+    sigma_hat = sigma * (gamma + 1)
+    k = s_noise * math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) if gamma > 0 else 0.0
+    # 2. x0 from x_hat (v-prediction keeps the un-churned sigma, as diffusers does)
+    p_x, p_m = (1.0, -sigma_hat) if prediction_type == "epsilon" else _ve_x0(sigma, prediction_type)
+    # 3. d = (x_hat - x0)/sigma_hat; x_next = x_hat + (sigma_next - sigma_hat) * d
+    r = (sigma_next - sigma_hat) / sigma_hat
+    return StepCoeffs(p_x=p_x, p_m=p_m, p_n=p_x * k, c_x=1 + r, c_n=(1 + r) * k, c_x0=-r)
+
+
+def euler_ancestral(sigma_from: float, sigma_to: float, *, prediction_type: str = "epsilon") -> StepCoeffs:
+    """Euler ancestral step: deterministic to sigma_down, then noise of sigma_up (k-diffusion)."""
+    _check_prediction(prediction_type)
+    sigma_up = math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
+    sigma_down = math.sqrt(sigma_to**2 - sigma_up**2)
+    p_x, p_m = _ve_x0(sigma_from, prediction_type)
+    r = (sigma_down - sigma_from) / sigma_from
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=1 + r, c_x0=-r, c_n=sigma_up)
+
+
+def _vp_from_sigma(sigma: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of the variance-preserving view of noise level sigma."""
+    alpha = 1.0 / math.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+def dpmpp_2m(sigma_t: float, sigma_s0: float, sigma_s1: float | None = None, *,
+             prediction_type: str = "epsilon", solver_type: str = "midpoint",
+             clip_sample_range: float | None = None) -> StepCoeffs:
+    """DPM-Solver++(2M) step from sigma_s0 to sigma_t (Lu et al. 2022, alg. 2).
+
+    ``sigma_s1`` is the previous step's noise level; history[0] must then hold the previous
+    x0 prediction (written by the previous step's ``return_pred``). Without it, the step is
+    first order (DPM-Solver++ 1, i.e. DDIM in x0 form).
+    """
+    _check_prediction(prediction_type)
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be midpoint or heun; got {solver_type!r}")
+    alpha_s0, vsig_s0 = _vp_from_sigma(sigma_s0)
+    (p_x, p_m), _ = _vp_predictions(alpha_s0, vsig_s0, prediction_type)
+    clip = _clip(clip_sample_range)
+    if sigma_t == 0:  # the limit h -> inf of the first-order step: x_t = x0
+        if sigma_s1 is not None:
+            raise ValueError("the step to sigma_t = 0 must be first order (pass sigma_s1=None)")
+        return StepCoeffs(p_x=p_x, p_m=p_m, c_x0=1.0, clip=clip)
+    alpha_t, vsig_t = _vp_from_sigma(sigma_t)
+
+    def lam(alpha: float, vsig: float) -> float:  # lambda = log(alpha/sigma), half log-SNR
+        return math.log(alpha) - math.log(vsig)
+
+    h = lam(alpha_t, vsig_t) - lam(alpha_s0, vsig_s0)
+    phi = alpha_t * math.expm1(-h)  # alpha_t * (e^{-h} - 1)
+    c_x = vsig_t / vsig_s0
+    if sigma_s1 is None:  # 1. x_t = (sigma_t/sigma_s) x - alpha_t (e^{-h} - 1) D0
+        return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_x0=-phi, clip=clip)
+    # 2. D1 = (D0 - m1)/r0 with r0 = h_0/h, the ratio of the last two step sizes
+    r0 = (lam(alpha_s0, vsig_s0) - lam(*_vp_from_sigma(sigma_s1))) / h
+    if solver_type == "midpoint":  # x_t = ... - alpha_t (e^{-h}-1) D0 - 0.5 alpha_t (e^{-h}-1) D1
+        w = -0.5 * phi / r0
+    else:  # heun: ... + alpha_t ((e^{-h}-1)/h + 1) D1
+        w = alpha_t * (math.expm1(-h) / h + 1.0) / r0
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_x0=-phi + w, c_h=(-w,), clip=clip)
+
+
+def plms_weights(order: int) -> tuple[float, ...]:
+    """Adams-Bashforth weights of the current and earlier model outputs (Liu et al. 2022, eq. 12)."""
+    table = {
+        1: (1.0,),
+        2: (3 / 2, -1 / 2),
+        3: (23 / 12, -16 / 12, 5 / 12),
+        4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+    }
+    if order not in table:
+        raise ValueError(f"PLMS order must be 1, 2, 3 or 4; got {order}")
+    return table[order]
+
+
+def pndm(alpha_prod_t: float, alpha_prod_t_prev: float, weights: Sequence[float] = (1.0,), *,
+         prediction_type: str = "epsilon") -> StepCoeffs:
+    """PNDM transfer step phi(x, eps, t, t_prev) (Liu et al. 2022, eq. 11) on a combined eps.
+
+    ``weights[0]`` weighs the current model output and ``weights[1:]`` the history (most
+    recent first): ``plms_weights(k)`` for PLMS, (1/6, 1/3, 1/3, 1/6)-style sums for PRK.
+    """
+    _check_prediction(prediction_type, ("epsilon", "v_prediction"))
+    if not 1 <= len(weights) <= MAX_HISTORY + 1:
+        raise ValueError(f"pndm takes 1 to {MAX_HISTORY + 1} weights; got {len(weights)}")
+    a, s = math.sqrt(alpha_prod_t), math.sqrt(1 - alpha_prod_t)
+    # 1. x_prev = sqrt(a_prev/a_t) x - (a_prev - a_t) / denom * eps
+    sample_coeff = math.sqrt(alpha_prod_t_prev / alpha_prod_t)
+    denom = alpha_prod_t * math.sqrt(1 - alpha_prod_t_prev) + math.sqrt(
+        alpha_prod_t * (1 - alpha_prod_t) * alpha_prod_t_prev)
+    g = (alpha_prod_t_prev - alpha_prod_t) / denom
+    # 2. eps = sum_j w_j m_j, or for v-prediction a * sum_j w_j v_j + s * x
+    scale, c_x = (1.0, sample_coeff) if prediction_type == "epsilon" else (a, sample_coeff - g * s)
+    return StepCoeffs(c_x=c_x, c_m=-g * scale * weights[0], c_h=tuple(-g * scale * w for w in weights[1:]))
+
+
+RULES: dict[str, Callable[..., StepCoeffs]] = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler": euler,
+    "euler_ancestral": euler_ancestral,
+    "dpmpp_2m": dpmpp_2m,
+    "pndm": pndm,
+}
+
+
+def step_coeffs(rule: str, *args, **kwargs) -> StepCoeffs:
+    """Coefficients of update rule ``rule`` (a key of :data:`RULES`) for one step."""
+    try:
+        builder = RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown update rule {rule!r}; known rules: {', '.join(RULES)}") from None
+    return builder(*args, **kwargs)
