@@ -13,6 +13,8 @@ import contextvars
 import os
 from collections.abc import Iterator
 
+import torch
+
 BACKENDS = ("auto", "fused", "ref")
 ENV_VAR = "FUSEDIFF_KERNELS"
 
@@ -27,8 +29,12 @@ def _validate(name: str, source: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
 def get_backend() -> str:
-    """The backend in force: the innermost :func:`use_backend`, else ``$FUSEDIFF_KERNELS``, else auto."""
+    """The backend in force: the innermost :func:`use_backend`, else ``$FUSEDIFF_KERNELS``, else auto.
+
+    Under ``torch.compile`` the choice is read once, at trace time, and baked into the graph.
+    """
     name = _override.get()
     if name is not None:
         return name

@@ -10,6 +10,8 @@ import functools
 import importlib
 from types import ModuleType
 
+import torch
+
 
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ModuleType | None, str]:
@@ -40,6 +42,7 @@ def require(cuda: bool = False) -> ModuleType:
     return mod
 
 
+@torch.compiler.assume_constant_result
 def has_cuda_kernels() -> bool:
     """Whether the compiled extension imports and holds the CUDA kernels."""
     mod = extension()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build, run every test (GPU ones included), benchmark.
+# Expects HF diffusers' wheel (and importlib_metadata) in .whl/ (README, "Benchmarks").
+# Writes build.log, pytest.log, bench.log and the CSV files under $OUT (default ./out).
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FUSEDIFF_COMMIT=${FUSEDIFF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+python3 -m pytest tests -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -30
+echo "tests: $(( $(date +%s) - start )) s"
+python3 bench/bench_scheduler_step.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+echo "total: $(( $(date +%s) - start )) s"
