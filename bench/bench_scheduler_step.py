@@ -2,10 +2,13 @@
 
 For DDIM, Euler and DPM-Solver++ 2M (epsilon prediction) on (2,4,64,64) fp16,
 (2,4,128,128) fp16 and (16,3,256,256) fp32 it measures, in one run:
-  1. GPU time per update (do_bench median, L2 cleared) of: the fused kernel; the same update
-     written as PyTorch ops (eager, and torch.compile'd into one kernel); fusediff's generic
-     reference; and HF diffusers' ``scheduler.step``. Effective GB/s = bytes()/time, and the
-     fraction of the copy bandwidth measured on the same GPU.
+  1. GPU time per update of: the fused kernel; the same update written as PyTorch ops (eager,
+     and torch.compile'd into one kernel); fusediff's generic reference; and HF diffusers'
+     ``scheduler.step``. ``us_cold``: do_bench median with L2 cleared (by a 256 MB write whose
+     dirty lines the timed kernel then evicts). ``us_graph``: back-to-back replays from a CUDA
+     graph over input sets rotated through 3x L2 (for what can be captured). Effective GB/s =
+     nbytes()/us_graph, and its fraction of the copy bandwidth measured in the same run.
+     A sweep of DDIM fp32 sizes sets the step beside a copy_ moving the same bytes.
   2. Host wall time of a 50-step loop of updates (no model): fusediff building each step's
      coefficients and launching the kernel, the same loop captured in a CUDA graph, and
      diffusers' ``scheduler.step`` loop; each ends with a device synchronisation.
@@ -129,8 +132,15 @@ def bench_updates(rule, shape, dtype, copy_gbps, quick):
     fused = fused[0] if hist else fused
     ref_err = (fused.float() - diffusers_step().float()).abs().max().item()
 
+    def fused_step(x, m, h):
+        return K.scheduler_step(x, m, c, history=[h] if hist else [], return_pred=bool(hist))
+
+    def new_inputs():
+        return tuple(torch.randn(shape, generator=g, device="cuda").to(dtype) for _ in range(3))
+
+    graphable = {"fused": fused_step, "torch_eager": f, "torch_compile": compiled}
     impls = {
-        "fused": lambda: K.scheduler_step(x, m, c, history=hist, return_pred=bool(hist)),
+        "fused": lambda: fused_step(x, m, h),
         "torch_eager": lambda: f(x, m, h),
         "torch_compile": lambda: compiled(x, m, h),
         "fusediff_ref": lambda: scheduler_step_ref(x, m, c, history=hist, return_pred=bool(hist)),
@@ -140,12 +150,37 @@ def bench_updates(rule, shape, dtype, copy_gbps, quick):
         impls = {k: impls[k] for k in ("fused", "torch_compile")}
     rows = []
     for name, fn in impls.items():
-        ms = harness.do_bench_ms(fn)
-        gbps = nbytes(rule, x) / ms / 1e6
+        cold_ms = harness.do_bench_ms(fn)
+        graph_ms = (harness.graph_rotating_ms(graphable[name], new_inputs, nbytes(rule, x))
+                    if name in graphable else float("nan"))
+        gbps = nbytes(rule, x) / graph_ms / 1e6
         rows.append(dict(op="scheduler_step", rule=rule, shape="x".join(map(str, shape)), dtype=str(dtype)[6:],
-                         impl=name, us_per_update=round(ms * 1e3, 2), gbps=round(gbps, 1),
-                         frac_copy_bw=round(gbps / copy_gbps, 3), mbytes=round(nbytes(rule, x) / 1e6, 2),
+                         impl=name, us_cold=round(cold_ms * 1e3, 2), us_graph=round(graph_ms * 1e3, 2),
+                         gbps=round(gbps, 1), frac_copy_bw=round(gbps / copy_gbps, 3),
+                         mbytes=round(nbytes(rule, x) / 1e6, 2),
                          max_abs_diff_vs_diffusers=f"{ref_err:.2e}" if name == "fused" else ""))
+    return rows
+
+
+def bench_bandwidth_sweep(copy_gbps):
+    """DDIM fp32 at growing sizes, against a copy_ that moves the same bytes, both from graphs."""
+    rows = []
+    c = SC.ddim(0.3, 0.5)
+    for numel in (1 << 22, 1 << 24, 1 << 26):
+        def step_inputs():
+            return torch.randn(numel, device="cuda"), torch.randn(numel, device="cuda")
+
+        def copy_inputs():  # read 1.5 numel and write 1.5 numel: the step's 3 numel
+            return torch.empty(3 * numel // 2, device="cuda").normal_(), torch.empty(3 * numel // 2, device="cuda")
+
+        mb = 3 * numel * 4
+        for name, fn, mk in (("fused", lambda x, m: K.scheduler_step(x, m, c), step_inputs),
+                             ("copy_same_bytes", lambda a, b: b.copy_(a), copy_inputs)):
+            ms = harness.graph_rotating_ms(fn, mk, mb)
+            gbps = mb / ms / 1e6
+            rows.append(dict(op="scheduler_step_sweep", rule="ddim", shape=str(numel), dtype="float32", impl=name,
+                             us_graph=round(ms * 1e3, 2), gbps=round(gbps, 1),
+                             frac_copy_bw=round(gbps / copy_gbps, 3), mbytes=round(mb / 1e6, 1)))
     return rows
 
 
@@ -233,12 +268,13 @@ def main(argv=None) -> None:
         for rule in RULES:
             rows += bench_updates(rule, shape, dtype, copy_gbps, args.quick)
             loops += bench_loop(rule, shape, dtype, repeat=5 if args.quick else 20)
+    rows += bench_bandwidth_sweep(copy_gbps)
     for r in rows:
         r["copy_gbps"] = round(copy_gbps)
     harness.append_rows("scheduler_step.csv", rows, args.out)
     harness.append_rows("scheduler_step_loop.csv", loops, args.out)
-    harness.print_table(rows, ["rule", "shape", "dtype", "impl", "us_per_update", "gbps", "frac_copy_bw",
-                               "max_abs_diff_vs_diffusers"])
+    harness.print_table(rows, ["rule", "shape", "dtype", "impl", "mbytes", "us_cold", "us_graph", "gbps",
+                               "frac_copy_bw", "max_abs_diff_vs_diffusers"])
     print()
     harness.print_table(loops, ["rule", "shape", "dtype", "impl", "ms", "speedup_vs_diffusers",
                                 "max_abs_diff_vs_diffusers"])

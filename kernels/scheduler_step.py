@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend, _ext
+from . import scheduler_step_ext as _step_ext
 from .scheduler_step_coeffs import MAX_HISTORY, NUM_COEFFS, StepCoeffs
 
 Coeffs = StepCoeffs | Sequence[float] | torch.Tensor
@@ -27,10 +28,10 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
 
 
-def _coeff_values(coeffs: Coeffs) -> list[float] | torch.Tensor:
+def _coeff_values(coeffs: Coeffs) -> Sequence[float] | torch.Tensor:
     """12 floats, or a float32 tensor of shape (12,); raises on anything else."""
-    if isinstance(coeffs, StepCoeffs):
-        return coeffs.as_list()
+    if type(coeffs) is StepCoeffs:  # already the 12-tuple the kernels read
+        return coeffs
     if isinstance(coeffs, torch.Tensor):
         if coeffs.shape != (NUM_COEFFS,) or coeffs.dtype != torch.float32 or not coeffs.is_contiguous():
             raise ValueError(
@@ -53,6 +54,9 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _check_like(name: str, t: object, sample: torch.Tensor) -> None:
+    if (isinstance(t, torch.Tensor) and t.shape == sample.shape and t.dtype == sample.dtype
+            and t.device == sample.device and t.stride() == sample.stride()):
+        return  # the common case, checked in one expression: this runs every sampling step
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"scheduler_step: {name} must be a torch.Tensor; got {type(t).__name__}")
     if t.shape != sample.shape:
@@ -132,12 +136,13 @@ def _use_fused(sample: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
     backend = _backend.get_backend()
     if backend == "ref" or sample.dtype not in _FUSED_DTYPES:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    kind = sample.device.type
-    if kind == "cuda":
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return False
+    if sample.is_cuda:
         return backend == "fused" or _ext.has_cuda_kernels()  # "fused" raises later if missing
-    return kind == "cpu" and backend == "fused"
+    return backend == "fused" and sample.is_cpu
 
 
 def scheduler_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Coeffs, *,
@@ -175,8 +180,6 @@ def scheduler_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Coe
             pred = pred_out.copy_(pred)
         return (prev, pred) if return_pred else prev
 
-    from . import scheduler_step_ext as ext
-
     if torch.compiler.is_compiling():
         c = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float32)
         prev, pred = torch.ops.fusediff.scheduler_step(
@@ -191,5 +194,5 @@ def scheduler_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Coe
         values = values.tolist()  # CPU coefficients for CUDA data: pass them by value
     prev = torch.empty_like(sample) if out is None else out
     pred = pred_out if pred_out is not None else (torch.empty_like(sample) if return_pred else None)
-    ext.launch(sample, model_output, values, noise, history, prev, pred)
+    _step_ext.launch(sample, model_output, values, noise, history, prev, pred)
     return (prev, pred) if return_pred else prev

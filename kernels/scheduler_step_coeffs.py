@@ -19,9 +19,9 @@ thresholding are not coefficients; a scheduler pre-scales the noise, or clips, i
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -30,9 +30,12 @@ MAX_HISTORY = 4  # history tensors the fused step reads at most
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-@dataclasses.dataclass(frozen=True)
-class StepCoeffs:
-    """Coefficients of one fused update; field order is the vector order of csrc/scheduler_step.h."""
+class StepCoeffs(NamedTuple):
+    """Coefficients of one fused update, as the 12-tuple the kernels read (csrc/scheduler_step.h).
+
+    Being a tuple, it goes to the kernels as it is; build it with the rule functions below
+    or by keyword (unnamed coefficients are 0).
+    """
 
     p_x: float = 0.0  # x0 <- sample
     p_m: float = 0.0  # x0 <- model output
@@ -41,22 +44,25 @@ class StepCoeffs:
     c_m: float = 0.0  # out <- model output
     c_n: float = 0.0  # out <- noise
     c_x0: float = 0.0  # out <- x0 after clipping
-    c_h: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # out <- history[j]
+    c_h0: float = 0.0  # out <- history[0], the most recent
+    c_h1: float = 0.0  # out <- history[1]
+    c_h2: float = 0.0  # out <- history[2]
+    c_h3: float = 0.0  # out <- history[3]
     clip: float = 0.0  # clip range of x0; 0 (or less) disables clipping
-
-    def __post_init__(self) -> None:
-        if len(self.c_h) > MAX_HISTORY:
-            raise ValueError(f"at most {MAX_HISTORY} history coefficients, got {len(self.c_h)}")
-        object.__setattr__(self, "c_h", tuple(self.c_h) + (0.0,) * (MAX_HISTORY - len(self.c_h)))
 
     def as_list(self) -> list[float]:
         """The 12 coefficients as floats, in the order the kernels read them."""
-        return [self.p_x, self.p_m, self.p_n, self.c_x, self.c_m, self.c_n, self.c_x0,
-                *self.c_h, self.clip]
+        return [float(v) for v in self]
 
     def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The coefficients as a float32 tensor of shape (12,), e.g. for a CUDA-graph step."""
-        return torch.tensor(self.as_list(), dtype=torch.float32, device=device)
+        return torch.tensor(self, dtype=torch.float32, device=device)
+
+
+def _history(weights: Sequence[float]) -> dict[str, float]:
+    if len(weights) > MAX_HISTORY:
+        raise ValueError(f"at most {MAX_HISTORY} history coefficients, got {len(weights)}")
+    return {f"c_h{j}": float(w) for j, w in enumerate(weights)}
 
 
 def _check_prediction(prediction_type: str, allowed: Sequence[str] = PREDICTION_TYPES) -> None:
@@ -200,7 +206,7 @@ def dpmpp_2m(sigma_t: float, sigma_s0: float, sigma_s1: float | None = None, *,
         w = -0.5 * phi / r0
     else:  # heun: ... + alpha_t ((e^{-h}-1)/h + 1) D1
         w = alpha_t * (math.expm1(-h) / h + 1.0) / r0
-    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_x0=-phi + w, c_h=(-w,), clip=clip)
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_x0=-phi + w, c_h0=-w, clip=clip)
 
 
 def plms_weights(order: int) -> tuple[float, ...]:
@@ -234,7 +240,7 @@ def pndm(alpha_prod_t: float, alpha_prod_t_prev: float, weights: Sequence[float]
     g = (alpha_prod_t_prev - alpha_prod_t) / denom
     # 2. eps = sum_j w_j m_j, or for v-prediction a * sum_j w_j v_j + s * x
     scale, c_x = (1.0, sample_coeff) if prediction_type == "epsilon" else (a, sample_coeff - g * s)
-    return StepCoeffs(c_x=c_x, c_m=-g * scale * weights[0], c_h=tuple(-g * scale * w for w in weights[1:]))
+    return StepCoeffs(c_x=c_x, c_m=-g * scale * weights[0], **_history([-g * scale * w for w in weights[1:]]))
 
 
 RULES: dict[str, Callable[..., StepCoeffs]] = {

@@ -31,7 +31,7 @@ SHAPES = [
 def random_coeffs(gen: random.Random, nh: int, clip: bool) -> SC.StepCoeffs:
     u = lambda: gen.uniform(-2.0, 2.0)  # noqa: E731
     return SC.StepCoeffs(p_x=u(), p_m=u(), p_n=u(), c_x=u(), c_m=u(), c_n=u(), c_x0=u(),
-                         c_h=tuple(u() for _ in range(nh)), clip=gen.uniform(0.2, 2.0) if clip else 0.0)
+                         clip=gen.uniform(0.2, 2.0) if clip else 0.0, **{f"c_h{j}": u() for j in range(nh)})
 
 
 def make_inputs(shape, dtype, nh, with_noise, seed):
@@ -241,8 +241,8 @@ def test_unknown_rule_and_bad_rule_arguments():
         SC.dpmpp_2m(0.0, 1.0, 2.0)
     with pytest.raises(ValueError, match="epsilon, v_prediction"):
         SC.pndm(0.5, 0.6, prediction_type="sample")
-    with pytest.raises(ValueError, match="at most 4"):
-        SC.StepCoeffs(c_h=(1.0,) * 5)
+    with pytest.raises(ValueError, match="1 to 5 weights"):
+        SC.pndm(0.5, 0.6, (1.0,) * 6)
 
 
 def test_extension_rejects_bad_arguments_without_crashing():

@@ -39,7 +39,7 @@ def coeffs_for(seed, nh, clip):
     r = random.Random(seed)
     u = lambda: r.uniform(-2, 2)  # noqa: E731
     return SC.StepCoeffs(p_x=u(), p_m=u(), p_n=u(), c_x=u(), c_m=u(), c_n=u(), c_x0=u(),
-                         c_h=tuple(u() for _ in range(nh)), clip=r.uniform(0.2, 2) if clip else 0.0)
+                         clip=r.uniform(0.2, 2) if clip else 0.0, **{f"c_h{j}": u() for j in range(nh)})
 
 
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
