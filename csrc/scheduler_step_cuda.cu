@@ -15,7 +15,10 @@ namespace fusediff {
 namespace {
 
 constexpr int kThreads = 256;  // threads per block
-constexpr int kItems = 4;      // vectors per thread, all loaded before any is used
+// Vectors per thread, all loaded before any is used: 4 on large tensors (more bytes in
+// flight per thread), 1 below kManyPacks vectors so that small tensors still spread over
+// many blocks (a (2,4,64,64) fp16 latent is 4096 vectors: 16 blocks rather than 4).
+constexpr int64_t kManyPacks = int64_t(1) << 18;
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
@@ -46,10 +49,10 @@ struct Ptrs {
   T* pred;            // x0 after clipping, or null
 };
 
-// Each thread handles kItems packs of VEC elements, kThreads packs apart, so each warp's
+// Each thread handles ITEMS packs of VEC elements, kThreads packs apart, so each warp's
 // accesses are contiguous. Elements past the last whole pack (numel % VEC) are handled by
 // block 0 one at a time.
-template <typename T, int NH, int VEC>
+template <typename T, int NH, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kThreads)
 step_kernel(Ptrs<T, NH> p,
             const float* __restrict__ coeffs_dev,  // kNumCoeffs values in device memory, or null
@@ -61,10 +64,10 @@ step_kernel(Ptrs<T, NH> p,
   for (int i = 0; i < kNumCoeffs; ++i) c[i] = coeffs_dev ? __ldg(coeffs_dev + i) : coeffs.c[i];
 
   const int64_t npacks = numel / VEC;
-  const int64_t base = int64_t(blockIdx.x) * kThreads * kItems + threadIdx.x;
-  P x[kItems], m[kItems], n[kItems], h[NH > 0 ? NH : 1][kItems];
+  const int64_t base = int64_t(blockIdx.x) * kThreads * ITEMS + threadIdx.x;
+  P x[ITEMS], m[ITEMS], n[ITEMS], h[NH > 0 ? NH : 1][ITEMS];
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) {
+  for (int k = 0; k < ITEMS; ++k) {
     const int64_t i = base + int64_t(k) * kThreads;
     if (i < npacks) {
       x[k] = reinterpret_cast<const P*>(p.x)[i];
@@ -75,7 +78,7 @@ step_kernel(Ptrs<T, NH> p,
     }
   }
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) {
+  for (int k = 0; k < ITEMS; ++k) {
     const int64_t i = base + int64_t(k) * kThreads;
     if (i < npacks) {
       P o, x0p;
@@ -124,14 +127,18 @@ cudaError_t launch(const StepArgs& a, const StepCoeffs& k, const float* coeffs_d
   for (int j = 0; j < NH; ++j) vec = vec && aligned16(p.h[j]);
 
   constexpr int V = 16 / sizeof(T);
-  const int64_t per_block = int64_t(kThreads) * kItems;
-  if (vec) {
-    const int64_t blocks = (a.numel / V + per_block - 1) / per_block;
-    step_kernel<T, NH, V><<<unsigned(blocks > 0 ? blocks : 1), kThreads, 0, stream>>>(
-        p, coeffs_dev, k, a.numel);
+  const int64_t packs = vec ? a.numel / V : a.numel;
+  const bool many = packs >= kManyPacks;
+  const int64_t per_block = int64_t(kThreads) * (many ? 4 : 1);
+  const unsigned blocks = unsigned(packs > 0 ? (packs + per_block - 1) / per_block : 1);
+  if (vec && many) {
+    step_kernel<T, NH, V, 4><<<blocks, kThreads, 0, stream>>>(p, coeffs_dev, k, a.numel);
+  } else if (vec) {
+    step_kernel<T, NH, V, 1><<<blocks, kThreads, 0, stream>>>(p, coeffs_dev, k, a.numel);
+  } else if (many) {
+    step_kernel<T, NH, 1, 4><<<blocks, kThreads, 0, stream>>>(p, coeffs_dev, k, a.numel);
   } else {
-    const int64_t blocks = (a.numel + per_block - 1) / per_block;
-    step_kernel<T, NH, 1><<<unsigned(blocks), kThreads, 0, stream>>>(p, coeffs_dev, k, a.numel);
+    step_kernel<T, NH, 1, 1><<<blocks, kThreads, 0, stream>>>(p, coeffs_dev, k, a.numel);
   }
   return cudaGetLastError();
 }
