@@ -145,6 +145,15 @@ def _use_fused(sample: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
     return backend == "fused" and sample.is_cpu
 
 
+def _into(prev, pred, out, pred_out, return_pred):
+    """Copy results computed out of place into the caller's ``out``/``pred_out``; shape the return."""
+    if out is not None:
+        prev = out.copy_(prev)
+    if pred_out is not None:
+        pred = pred_out.copy_(pred)
+    return (prev, pred) if return_pred else prev
+
+
 def scheduler_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Coeffs, *,
                    noise: torch.Tensor | None = None, history: Sequence[torch.Tensor] = (),
                    return_pred: bool = False, out: torch.Tensor | None = None,
@@ -174,21 +183,13 @@ def scheduler_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Coe
         res = scheduler_step_ref(sample, model_output, values, noise=noise, history=history,
                                  return_pred=return_pred or pred_out is not None)
         prev, pred = res if isinstance(res, tuple) else (res, None)
-        if out is not None:
-            prev = out.copy_(prev)
-        if pred_out is not None:
-            pred = pred_out.copy_(pred)
-        return (prev, pred) if return_pred else prev
+        return _into(prev, pred, out, pred_out, return_pred)
 
     if torch.compiler.is_compiling():
         c = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float32)
         prev, pred = torch.ops.fusediff.scheduler_step(
             sample, model_output, c, noise, list(history), return_pred or pred_out is not None)
-        if out is not None:
-            prev = out.copy_(prev)
-        if pred_out is not None:
-            pred = pred_out.copy_(pred)
-        return (prev, pred) if return_pred else prev
+        return _into(prev, pred, out, pred_out, return_pred)
 
     if isinstance(values, torch.Tensor) and values.device != sample.device:
         values = values.tolist()  # CPU coefficients for CUDA data: pass them by value
