@@ -26,14 +26,9 @@ def extension() -> ModuleType | None:
     return _load()[0]
 
 
-_READY: dict[bool, ModuleType] = {}  # require()'s answers once they succeeded, keyed by `cuda`
-
-
+@functools.lru_cache(maxsize=None)  # a raise is not cached, so a failure is re-reported each call
 def require(cuda: bool = False) -> ModuleType:
     """The compiled module; raises RuntimeError saying why when it (or its CUDA part) is missing."""
-    ready = _READY.get(cuda)
-    if ready is not None:
-        return ready
     mod, why = _load()
     if mod is None:
         raise RuntimeError(
@@ -45,7 +40,6 @@ def require(cuda: bool = False) -> ModuleType:
             "fusediff._C was built without CUDA (no CUDA compiler at build time); reinstall "
             "fusediff where nvcc is on PATH, or use FUSEDIFF_KERNELS=ref"
         )
-    _READY[cuda] = mod
     return mod
 
 

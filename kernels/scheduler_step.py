@@ -114,6 +114,11 @@ def scheduler_step_ref(sample: torch.Tensor, model_output: torch.Tensor, coeffs:
                        return_pred: bool = False):
     """The definition of the fused step in PyTorch: fp32 arithmetic (fp64 for fp64 tensors)."""
     values, history = _validate(sample, model_output, coeffs, noise, history, None, None)
+    return _ref(sample, model_output, values, noise, history, return_pred)
+
+
+def _ref(sample, model_output, values, noise, history, return_pred):
+    """scheduler_step_ref on inputs already validated."""
     compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
     c = torch.as_tensor(values, dtype=compute, device=sample.device)
     x, m = sample.to(compute), model_output.to(compute)
@@ -180,8 +185,7 @@ def scheduler_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Coe
     values, history = _validate(sample, model_output, coeffs, noise, history, out, pred_out)
     tensors = [sample, model_output, *history] + ([] if noise is None else [noise])
     if not _use_fused(sample, tensors):
-        res = scheduler_step_ref(sample, model_output, values, noise=noise, history=history,
-                                 return_pred=return_pred or pred_out is not None)
+        res = _ref(sample, model_output, values, noise, history, return_pred or pred_out is not None)
         prev, pred = res if isinstance(res, tuple) else (res, None)
         return _into(prev, pred, out, pred_out, return_pred)
 
@@ -191,8 +195,6 @@ def scheduler_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Coe
             sample, model_output, c, noise, list(history), return_pred or pred_out is not None)
         return _into(prev, pred, out, pred_out, return_pred)
 
-    if isinstance(values, torch.Tensor) and values.device != sample.device:
-        values = values.tolist()  # CPU coefficients for CUDA data: pass them by value
     prev = torch.empty_like(sample) if out is None else out
     pred = pred_out if pred_out is not None else (torch.empty_like(sample) if return_pred else None)
     _step_ext.launch(sample, model_output, values, noise, history, prev, pred)

@@ -20,13 +20,13 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ZEROS = (0.0,) * 12
 
 
-def _raw_stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device`` as an integer handle (the capture stream inside
-    a CUDA-graph capture). PyTorch's private getter is ~10x cheaper than current_stream()."""
+def _raw_stream(index: int) -> int:
+    """The current CUDA stream of device ``index`` as an integer handle (the capture stream
+    inside a CUDA-graph capture). PyTorch's private getter is ~10x cheaper than current_stream()."""
     getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if getter is not None:
-        return getter(device.index if device.index is not None else torch.cuda.current_device())
-    return torch.cuda.current_stream(device).cuda_stream
+        return getter(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 def launch(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Sequence[float] | torch.Tensor,
@@ -34,7 +34,7 @@ def launch(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Sequence[fl
            pred: torch.Tensor | None) -> None:
     """Run the fused update into ``out`` (and ``pred``). Inputs must already be validated:
     same shape, dtype (fp32/fp16/bf16), device and dense layout; ``coeffs`` 12 floats, or a
-    float32 tensor of 12 on the data's CUDA device."""
+    float32 tensor of 12 (on the CPU, or on the data's CUDA device, where the kernel reads it)."""
     args = (
         sample.data_ptr(),
         model_output.data_ptr(),
@@ -47,13 +47,14 @@ def launch(sample: torch.Tensor, model_output: torch.Tensor, coeffs: Sequence[fl
     )
     if sample.is_cuda:
         C = _ext.require(cuda=True)
-        device = sample.device
-        if isinstance(coeffs, torch.Tensor):
+        if isinstance(coeffs, torch.Tensor) and coeffs.is_cuda:
             host, dev = _ZEROS, coeffs.data_ptr()
-        else:
-            host, dev = coeffs, 0
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        C.scheduler_step_cuda(*args, host, dev, _raw_stream(device), index)
+        else:  # host values are passed by value
+            host, dev = coeffs.tolist() if isinstance(coeffs, torch.Tensor) else coeffs, 0
+        index = sample.device.index
+        if index is None:
+            index = torch.cuda.current_device()
+        C.scheduler_step_cuda(*args, host, dev, _raw_stream(index), index)
     else:
         C = _ext.require()
         if isinstance(coeffs, torch.Tensor):
@@ -68,9 +69,7 @@ def scheduler_step_op(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
     """Fused scheduler step; returns (prev_sample, x0), x0 empty unless ``return_pred``."""
     out = torch.empty_like(sample)
     pred = torch.empty_like(sample) if return_pred else sample.new_empty(0)
-    on_device = sample.is_cuda and coeffs.device == sample.device
-    launch(sample, model_output, coeffs if on_device else coeffs.tolist(), noise, history, out,
-           pred if return_pred else None)
+    launch(sample, model_output, coeffs, noise, history, out, pred if return_pred else None)
     return out, pred
 
 
