@@ -1,0 +1,43 @@
+"""Seeded Gaussian noise drawn exactly as diffusers draws it (DESIGN.md, decision 5).
+
+Same seed, same image: a pipeline or scheduler that draws its noise here gets the numbers
+diffusers' ``randn_tensor`` would, because the generator, device, shape and order of the
+draws are the same. A CPU generator used for a CUDA tensor draws on the CPU and copies, as
+diffusers does, so a seeded CPU generator gives the same noise whatever the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_tensor(shape: Sequence[int], generator: Generator = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``device``.
+
+    ``generator`` may be one generator, or a list with one per batch element (``shape[0]``),
+    in which case element i is drawn from ``generator[i]`` alone and the results are stacked.
+    """
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    gens = list(generator) if isinstance(generator, (list, tuple)) else generator
+    if isinstance(gens, list) and len(gens) == 1:
+        gens = gens[0]
+    draw_device = device
+    if gens is not None:
+        gen_type = (gens[0] if isinstance(gens, list) else gens).device.type
+        if gen_type != device.type:
+            if gen_type != "cpu":
+                raise ValueError(f"cannot draw a {device.type} tensor from a {gen_type} generator; "
+                                 "use a CPU generator or one on the tensor's device")
+            draw_device = torch.device("cpu")
+    if isinstance(gens, list):
+        if len(gens) != shape[0]:
+            raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}; pass one per sample")
+        rows = [torch.randn((1,) + shape[1:], generator=g, device=draw_device, dtype=dtype) for g in gens]
+        return torch.cat(rows, dim=0).to(device)
+    return torch.randn(shape, generator=gens, device=draw_device, dtype=dtype).to(device)
