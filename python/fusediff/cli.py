@@ -1,0 +1,190 @@
+"""The ``fusediff`` command: sample images from a pipeline, and report versions and kernel backends.
+
+    fusediff sample [--model DIR_OR_REPO] [--scheduler ddpm|ddim|pndm] [--steps N] [--batch N]
+                    [--seed S] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
+                    (--out GRID.png | --out-dir DIR)
+    fusediff info
+
+Without ``--model`` it samples the digits model shipped inside the package. The seed feeds a
+CPU generator, so a seed gives the same images on every device (up to arithmetic rounding).
+Bad arguments and missing models end with one line on stderr and exit status 2 or 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+DIGITS_MODEL = Path(__file__).parent / "assets" / "digits"
+SCHEDULERS = ("ddpm", "ddim", "pndm")
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "pndm": 50}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class CliError(Exception):
+    """An error reported to the user as one line, without a traceback; ``status`` is the exit code."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise CliError(f"{message} (see '{self.prog} --help')", status=2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fusediff", description="fusediff: diffusion sampling with fused kernels")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser("sample", help="sample images from a pipeline and write PNGs")
+    s.add_argument("--model", default=None, help="pipeline directory or Hub repo id (default: the shipped digits model)")
+    s.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (default: ddim)")
+    s.add_argument("--steps", type=_positive, default=None, help="inference steps (default: 1000 ddpm, 50 otherwise)")
+    s.add_argument("--batch", type=_positive, default=16, help="number of images (default: 16)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the CPU generator (default: 0)")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    s.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    out = s.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", type=Path, help="write all images as one grid PNG here")
+    out.add_argument("--out-dir", type=Path, help="write one PNG per image into this directory")
+    sub.add_parser("info", help="print versions, devices and the kernel backend of each op")
+    return parser
+
+
+def _load_pipeline(args: argparse.Namespace):
+    import torch
+
+    from . import DDIMPipeline, DDPMPipeline, DDPMScheduler, DiffusionPipeline, PNDMPipeline
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
+    source = args.model if args.model is not None else DIGITS_MODEL
+    try:
+        loaded = DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, DTYPES[args.dtype]))
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        raise CliError(f"cannot load model {str(source)!r}: {e}") from None
+    if not hasattr(loaded, "unet") or not hasattr(loaded, "scheduler"):
+        raise CliError(f"{str(source)!r} holds a {type(loaded).__name__}, not a UNet + scheduler pipeline")
+    pipeline_cls = {"ddpm": DDPMPipeline, "ddim": DDIMPipeline, "pndm": PNDMPipeline}[args.scheduler]
+    scheduler = DDPMScheduler.from_config(loaded.scheduler.config) if args.scheduler == "ddpm" else loaded.scheduler
+    pipe = pipeline_cls(unet=loaded.unet, scheduler=scheduler).to(args.device)
+    pipe.set_progress_bar_config(disable=args.quiet, desc=f"{args.scheduler} sampling")
+    return pipe
+
+
+def _save_png(image, path: Path) -> None:
+    """Write a PNG atomically: into a temporary file beside it, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def make_grid(images: list, pad: int = 2):
+    """The images in a near-square grid with ``pad`` pixels of black between them."""
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new(images[0].mode, (cols * (w + pad) + pad, rows * (h + pad) + pad))
+    for i, img in enumerate(images):
+        grid.paste(img, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
+    return grid
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.out is not None and args.out.suffix.lower() != ".png":
+        raise CliError(f"--out must name a .png file; got {str(args.out)!r}")
+    if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
+        raise CliError(f"--out-dir {str(args.out_dir)!r} exists and is not a directory")
+    pipe = _load_pipeline(args)
+    steps = args.steps or DEFAULT_STEPS[args.scheduler]
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    try:
+        images = pipe(batch_size=args.batch, num_inference_steps=steps, generator=generator).images
+    except ValueError as e:  # e.g. more steps than the scheduler was trained with
+        raise CliError(str(e)) from None
+    if args.out is not None:
+        _save_png(make_grid(images), args.out)
+        print(f"wrote {len(images)} images as a grid to {args.out}")
+    else:
+        for i, img in enumerate(images):
+            _save_png(img, args.out_dir / f"sample_{i:04d}.png")
+        print(f"wrote {len(images)} images to {args.out_dir}/")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .kernels import get_backend, has_cuda_kernels
+    from .kernels._report import backend_report
+
+    print(f"fusediff {__version__}")
+    print(f"python {platform.python_version()} ({sys.platform})")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    for name in ("triton", "diffusers", "transformers"):
+        try:
+            version = __import__(name).__version__
+        except ImportError:
+            version = "not installed"
+        print(f"{name} {version}")
+    print(f"extension fusediff._C: {'CUDA + C++' if has_cuda_kernels() else 'C++ only or missing'}")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            print(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+        devices.append("cuda")
+    else:
+        print("cuda: not available")
+    print(f"kernel backend setting: {get_backend()}")
+    for device in devices:
+        for op, implementation in backend_report(device).items():
+            print(f"  {op:<20s} on {device:<4s}: {implementation}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fusediff`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return {"sample": cmd_sample, "info": cmd_info}[args.command](args)
+    except CliError as e:
+        print(f"fusediff: error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("fusediff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The sampling loop shared by the unconditional image pipelines (DDPM, DDIM, PNDM).
+
+Each pipeline draws Gaussian noise of the UNet's sample shape, runs
+``model(x, t) -> scheduler.step`` over ``scheduler.timesteps`` and maps the result from
+[-1, 1] to images, drawing its random numbers in the same order as diffusers' pipeline of
+the same name, so a seeded CPU run gives diffusers' images (DESIGN.md, decision 5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..utils.torch_utils import Generator, randn_tensor
+from .pipeline_utils import OUTPUT_TYPES, DiffusionPipeline, ImagePipelineOutput
+
+
+def postprocess_images(image: torch.Tensor, output_type: str) -> Any:
+    """(B, C, H, W) in [-1, 1] to PIL images, a (B, H, W, C) float numpy array, or a (B, C, H, W) tensor in [0, 1]."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    return DiffusionPipeline.numpy_to_pil(array) if output_type == "pil" else array
+
+
+class UnconditionalImagePipeline(DiffusionPipeline):
+    """A UNet and a scheduler that sample images from noise; subclasses fix the scheduler type."""
+
+    def _check(self, batch_size: int, num_inference_steps: int, generator: Generator, output_type: str) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}; pass one per image")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+
+    def _sample_shape(self, batch_size: int) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        spatial = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, self.unet.config.in_channels, *spatial)
+
+    def _run(self, batch_size: int, num_inference_steps: int, generator: Generator, output_type: str,
+             return_dict: bool, noise_dtype: torch.dtype | None, **step_kwargs: Any) -> ImagePipelineOutput | tuple:
+        """The sampling loop; ``noise_dtype`` is the dtype diffusers draws x_T in (then cast to the UNet's)."""
+        self._check(batch_size, num_inference_steps, generator, output_type)
+        # 1. x_T ~ N(0, I), drawn as diffusers draws it
+        image = randn_tensor(self._sample_shape(batch_size), generator=generator, device=self.device,
+                             dtype=noise_dtype).to(self.unet.dtype)
+        # 2. the timesteps of this run
+        self.scheduler.set_timesteps(num_inference_steps)
+        # 3. x_{t-1} = step(model(x_t, t), t, x_t)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_output = self.unet(image, t).sample
+            image = self.scheduler.step(model_output, t, image, **step_kwargs).prev_sample
+        images = postprocess_images(image, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
