@@ -8,19 +8,28 @@ dispatch between them (DESIGN.md, decision 2). Select backends with ``FUSEDIFF_K
 from . import scheduler_step_coeffs
 from ._backend import BACKENDS, get_backend, use_backend
 from ._ext import has_cuda_kernels
+from .attention import attention, attention_ref
+from .group_norm import group_norm, group_norm_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 from .scheduler_step_coeffs import RULES, StepCoeffs, step_coeffs
+from .timestep_embedding import timestep_embedding, timestep_embedding_ref
 from . import scheduler_step_ext as _scheduler_step_ext  # noqa: F401  registers torch.ops.fusediff.scheduler_step
 
 __all__ = [
     "BACKENDS",
     "RULES",
     "StepCoeffs",
+    "attention",
+    "attention_ref",
     "get_backend",
+    "group_norm",
+    "group_norm_ref",
     "has_cuda_kernels",
     "scheduler_step",
     "scheduler_step_coeffs",
     "scheduler_step_ref",
     "step_coeffs",
+    "timestep_embedding",
+    "timestep_embedding_ref",
     "use_backend",
 ]

@@ -1,0 +1,98 @@
+"""Scaled dot-product attention without a mask: softmax(q k^T * scale) v per batch item and head.
+
+    scores = q @ k^T * scale          (B, H, Sq, Sk),  scale = 1/sqrt(D) by default
+    p      = softmax(scores, dim=-1)  over the Sk keys
+    out    = p @ v                    (B, H, Sq, D)
+
+This is eq. (1) of Vaswani et al., "Attention Is All You Need" (NeurIPS 2017,
+arXiv:1706.03762), the self- and cross-attention of diffusion UNets and DiTs. It equals
+torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale) with no mask and no
+dropout.
+
+Precision: both products and the softmax in float32 (float64 for float64 input), the softmax
+with its row maximum subtracted, so large logits neither overflow nor underflow; one rounding
+to q's dtype at the end.
+
+Limits: q, k and v share batch B, heads H, head size D >= 1, dtype (float32, float16,
+bfloat16 or float64) and device; k and v share Sk. Any strides are accepted, e.g. a (B, S, H, D)
+projection viewed with .transpose(1, 2); the output is contiguous. With no keys (Sk = 0) the
+output is zeros, as in torch. The reference materialises the (B, H, Sq, Sk) float32 scores, so
+its memory grows with Sq * Sk. No mask, dropout, causal flag or grouped-query heads.
+Gradients flow through plain torch ops.
+
+Dispatch: every backend runs the reference for now; the fused Triton kernel (flash attention's
+online softmax) is issue 4's and slots into :func:`attention` after validation (DESIGN.md,
+decision 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _validate(q, k, v, scale) -> float:
+    """Raise TypeError/ValueError naming the argument; return the scale to use."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must have shape (B, H, S, D), 4-D; got shape {tuple(t.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"attention: q must be float32, float16, bfloat16 or float64; got {q.dtype}")
+    batch, heads, _, head_dim = q.shape
+    if head_dim == 0:
+        raise ValueError("attention: head size D must be at least 1; got q of shape "
+                         f"{tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"attention: {name} is {t.dtype}, q is {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} is on {t.device}, q is on {q.device}")
+        if t.shape[0] != batch or t.shape[1] != heads or t.shape[3] != head_dim:
+            raise ValueError(
+                f"attention: {name} has shape {tuple(t.shape)}; with q of shape {tuple(q.shape)} it must "
+                f"be ({batch}, {heads}, Sk, {head_dim}) (same B, H and D)")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"attention: k has Sk={k.shape[2]} keys, v has {v.shape[2]}; they must match")
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"attention: scale must be a float or None; got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be finite; got {scale}")
+    return float(scale)
+
+
+def _ref(q, k, v, scale):
+    """attention_ref on inputs already validated, with the scale resolved."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
+    probs = torch.softmax(scores, dim=-1)  # (B, H, Sq, Sk), rows sum to 1
+    return torch.matmul(probs, v.to(compute)).to(q.dtype)  # (B, H, Sq, D)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float | None = None) -> torch.Tensor:
+    """The definition of :func:`attention` in PyTorch: fp32 products and softmax, one final rounding."""
+    return _ref(q, k, v, _validate(q, k, v, scale))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              scale: float | None = None) -> torch.Tensor:
+    """Attention softmax(q k^T * scale) v, with the softmax in float32, output in q's dtype.
+
+    Args:
+        q: queries of shape (B, H, Sq, D): batch, heads, query positions, head size;
+            float32, float16, bfloat16 or float64; any strides.
+        k: keys of shape (B, H, Sk, D); q's dtype and device.
+        v: values of shape (B, H, Sk, D); q's dtype and device, k's Sk.
+        scale: multiplies the logits q k^T; None for 1/sqrt(D). A finite float.
+
+    Returns:
+        out of shape (B, H, Sq, D) in q's dtype, contiguous.
+    """
+    return _ref(q, k, v, _validate(q, k, v, scale))

@@ -1,0 +1,134 @@
+"""GroupNorm, optionally followed by the SiLU that comes after it in diffusion UNets.
+
+x of shape (B, C, *) is split into G groups of C/G channels; each (batch item, group) pair is
+normalised over its C/G channels and all spatial positions, then scaled and shifted per channel:
+
+    mu[b, g]  = mean(x[b, g])                                     pass 1
+    var[b, g] = mean((x[b, g] - mu[b, g])^2)                      pass 2 (biased)
+    y[b, c]   = (x[b, c] - mu[b, g]) / sqrt(var[b, g] + eps) * weight[c] + bias[c]
+    y         = y * sigmoid(y)                                    when activation="silu"
+
+GroupNorm is Wu & He, "Group Normalization" (ECCV 2018, arXiv:1803.08494), Sec. 3.1, the
+normalisation x_hat = (x - mu) / sigma over the set S_i of one sample's channel group, followed
+by the per-channel affine gamma * x_hat + beta. SiLU (swish) is x * sigmoid(x) (Elfwing et al.
+2018, arXiv:1702.03118); DDPM's UNet (Ho et al. 2020, Appendix B, and its released code)
+applies GroupNorm then swish at the head of every residual block, which is why the two are one
+op here. Without an activation the result is torch.nn.functional.group_norm.
+
+Precision: mean, variance, affine and activation in float32 (float64 for float64 input); the
+variance in two passes, never E[x^2] - E[x]^2, which cancels catastrophically when |mean| is
+large against the spread; one rounding to x's dtype at the end.
+
+Layout: any strides are accepted. The output has x's memory format when x is channels-last
+(4-D) or channels-last-3d (5-D), as torch's group_norm does, and is contiguous otherwise.
+
+Limits: x is float32, float16, bfloat16 or float64; weight and bias may have any of those dtypes
+(they are upcast). The reference holds float32 copies of x while it runs (a few times x's size).
+Gradients flow through plain torch ops.
+
+Dispatch: every backend runs the reference for now; the fused Triton kernel is issue 4's and
+slots into :func:`group_norm` after validation (DESIGN.md, decision 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _validate(x, num_groups, weight, bias, eps, activation) -> None:
+    """Raise TypeError/ValueError naming the argument; the same checks on every backend."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm: x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"group_norm: x must be float32, float16, bfloat16 or float64; got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"group_norm: x must have shape (B, C, *), at least 2-D; got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"group_norm: num_groups must be an int; got {type(num_groups).__name__}")
+    channels = x.shape[1]
+    if num_groups <= 0 or channels % num_groups != 0:
+        raise ValueError(
+            f"group_norm: num_groups must be a positive divisor of x's C={channels} channels; got {num_groups}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"group_norm: {name} must be a torch.Tensor or None; got {type(p).__name__}")
+        if p.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"group_norm: {name} must be float32, float16, bfloat16 or float64; got {p.dtype}")
+        if p.shape != (channels,):
+            raise ValueError(f"group_norm: {name} must have shape ({channels},) (x's C); got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"group_norm: {name} is on {p.device}, x is on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"group_norm: eps must be a float; got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"group_norm: eps must be finite and >= 0; got {eps}")
+    if activation is not None and (not isinstance(activation, str) or activation != "silu"):
+        raise ValueError(f"group_norm: activation must be None or 'silu'; got {activation!r}")
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format the output keeps: x's when channels-last (3d), contiguous otherwise."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _ref(x, num_groups, weight, bias, eps, activation):
+    """group_norm_ref on inputs already validated."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, channels = x.shape[0], x.shape[1]
+    group_size = channels // num_groups * x.shape[2:].numel()  # elements per (b, g): C/G * spatial
+    xg = x.to(compute).reshape(batch, num_groups, group_size)  # (B, G, C/G * S)
+    mean = xg.mean(dim=-1, keepdim=True)  # (B, G, 1), pass 1
+    centred = xg - mean
+    var = centred.square().mean(dim=-1, keepdim=True)  # (B, G, 1), pass 2: biased variance
+    y = (centred * torch.rsqrt(var + eps)).reshape(x.shape)  # (B, C, *)
+    per_channel = (1, channels) + (1,) * (x.dim() - 2)  # broadcast (C,) over batch and space
+    if weight is not None:
+        y = y * weight.to(compute).reshape(per_channel)
+    if bias is not None:
+        y = y + bias.to(compute).reshape(per_channel)
+    if activation == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype, memory_format=_memory_format(x))
+
+
+def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5,
+                   activation: str | None = None) -> torch.Tensor:
+    """The definition of :func:`group_norm` in PyTorch: two-pass fp32 statistics, one final rounding."""
+    _validate(x, num_groups, weight, bias, eps, activation)
+    return _ref(x, num_groups, weight, bias, eps, activation)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5,
+               activation: str | None = None) -> torch.Tensor:
+    """GroupNorm over (B, C, *), then an optional SiLU; torch's group_norm (+ silu) in one op.
+
+    Args:
+        x: input of shape (B, C, *): batch, channels, then any number of spatial dims (none
+            included); float32, float16, bfloat16 or float64; any strides.
+        num_groups: G, the number of channel groups; a positive int dividing C.
+        weight: per-channel scale gamma of shape (C,) on x's device, or None for 1.
+        bias: per-channel shift beta of shape (C,) on x's device, or None for 0.
+        eps: added to the variance before the square root; finite and >= 0.
+        activation: None, or "silu" to apply y * sigmoid(y) after the affine.
+
+    Returns:
+        y of x's shape and dtype; in x's memory format when x is channels-last (3d), else
+        contiguous.
+    """
+    _validate(x, num_groups, weight, bias, eps, activation)
+    return _ref(x, num_groups, weight, bias, eps, activation)

@@ -1,0 +1,207 @@
+"""group_norm against torch's group_norm (+ silu) under the house tolerance rule, on labelled
+odd shapes and every dtype; two-pass statistics on data with a large mean; layouts; autograd;
+torch.compile; and bad input, which must raise the same clear exception on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from support.tolerance import assert_within_ref_error
+
+from fusediff import kernels as K
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CASES = [  # (shape, num_groups)
+    ((2, 32, 8, 8), 8),  # a UNet feature map, aligned
+    ((2, 63, 21, 17), 7),  # non-aligned
+    ((1, 6, 5, 3, 2), 3),  # three spatial dims (video, volume)
+    ((3, 10), 5),  # no spatial dims
+    ((2, 4, 1), 4),  # one element per group: variance 0, only eps
+    ((1, 12, 33), 1),  # a single group (LayerNorm over C and S)
+    ((2, 12, 7), 12),  # a group per channel (InstanceNorm)
+    ((0, 8, 4, 4), 2),  # empty batch
+    ((2, 8, 0), 4),  # empty spatial dim
+    ((1, 4, 64, 65), 2),  # long groups, odd length
+]
+
+
+def make_inputs(shape, dtype, seed, param_dtype=None, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2.0 + offset
+    c = shape[1]
+    w = 1.0 + 0.5 * torch.randn(c, generator=g)
+    b = 0.5 * torch.randn(c, generator=g)
+    pd = param_dtype or dtype
+    return x.to(dtype), w.to(pd), b.to(pd)
+
+
+def torch_group_norm(x, num_groups, w, b, eps, activation):
+    y = F.group_norm(x, num_groups, w, b, eps)
+    return F.silu(y) if activation == "silu" else y
+
+
+def check_against_torch(x, num_groups, w, b, eps, activation, what):
+    with K.use_backend("fused"):
+        got = K.group_norm(x, num_groups, w, b, eps, activation)
+    lowp = torch_group_norm(x, num_groups, w, b, eps, activation)
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    hi = torch_group_norm(x.double(), num_groups, up(w), up(b), eps, activation)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    assert_within_ref_error(got, lowp, hi, what)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, num_groups", CASES, ids=[str(c) for c in CASES])
+def test_matches_torch_labelled_shapes(shape, num_groups, dtype, activation):
+    x, w, b = make_inputs(shape, dtype, seed=sum(shape))
+    check_against_torch(x, num_groups, w, b, 1e-5, activation, f"shape={shape} G={num_groups} {dtype} {activation}")
+
+
+@settings(max_examples=25)
+@given(
+    batch=st.integers(1, 3),
+    groups=st.integers(1, 6),
+    per_group=st.integers(1, 5),
+    spatial=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    affine=st.booleans(),
+    activation=st.sampled_from([None, "silu"]),
+    eps=st.sampled_from([0.0, 1e-6, 1e-5, 0.1]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_torch_random(batch, groups, per_group, spatial, dtype, affine, activation, eps, seed):
+    group_numel = per_group * torch.Size(spatial).numel()
+    assume(batch * group_numel > 1)  # torch refuses a single value per group in all; see below
+    if group_numel == 1 and eps == 0.0:
+        eps = 1e-5  # one value per group with eps=0 is 0 * inf = NaN
+    shape = (batch, groups * per_group, *spatial)
+    x, w, b = make_inputs(shape, dtype, seed)
+    check_against_torch(x, groups, w if affine else None, b if affine else None, eps, activation,
+                        f"shape={shape} G={groups} {dtype} affine={affine} {activation} eps={eps}")
+
+
+def test_one_value_per_group_gives_the_bias():
+    # torch's group_norm refuses (1, C) with C groups ("more than 1 value per channel");
+    # the definition is still clear: x - mean = 0, so y = bias (then silu)
+    x, w, b = make_inputs((1, 5), torch.float32, seed=3)
+    torch.testing.assert_close(K.group_norm(x, 5, w, b), b.view(1, 5), rtol=0, atol=0)
+    torch.testing.assert_close(K.group_norm(x, 5, w, b, activation="silu"), F.silu(b).view(1, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_weights_with_low_precision_x(dtype):
+    x, w, b = make_inputs((2, 12, 9, 7), dtype, seed=4, param_dtype=torch.float32)
+    check_against_torch(x, 4, w, b, 1e-5, "silu", f"{dtype} x, float32 weight and bias")
+
+
+def test_two_pass_variance_survives_a_large_mean():
+    x, w, b = make_inputs((2, 8, 16, 16), torch.float32, seed=5, offset=1e4)  # std 2, mean 1e4
+    got = K.group_norm(x, 4, w, b)
+    hi = F.group_norm(x.double(), 4, w.double(), b.double())
+    err = (got.double() - hi).abs().max().item()
+    assert err < 1e-2, f"two-pass group_norm error {err:.3e} against float64 at mean 1e4"
+    # the same data through E[x^2] - E[x]^2 in float32 is far off: the test can tell them apart
+    xg = x.reshape(2, 4, -1)
+    naive_var = (xg.square().mean(-1) - xg.mean(-1).square())
+    true_var = x.double().reshape(2, 4, -1).var(-1, unbiased=False)
+    assert (naive_var.double() - true_var).abs().max().item() > 0.1
+
+
+def test_float64_ref_matches_torch_closely():
+    x, w, b = make_inputs((2, 63, 21, 17), torch.float64, seed=6)
+    torch.testing.assert_close(K.group_norm_ref(x, 7, w, b, 1e-5, "silu"),
+                               F.silu(F.group_norm(x, 7, w, b, 1e-5)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, memory_format", [
+    ((2, 12, 5, 7), torch.channels_last),  # NHWC
+    ((2, 12, 3, 5, 4), torch.channels_last_3d),  # NDHWC
+])
+def test_channels_last_keeps_its_layout(shape, memory_format):
+    x, w, b = make_inputs(shape, torch.float32, seed=7)
+    xl = x.contiguous(memory_format=memory_format)
+    got = K.group_norm(xl, 3, w, b, activation="silu")
+    assert got.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(got, K.group_norm(x, 3, w, b, activation="silu"), rtol=0, atol=0)
+    check_against_torch(xl, 3, w, b, 1e-5, "silu", f"{memory_format} {shape}")
+
+
+def test_other_strides_give_contiguous_output():
+    x, w, b = make_inputs((2, 6, 9, 5), torch.float32, seed=8)
+    xt = x.transpose(2, 3)  # (2, 6, 5, 9), neither contiguous nor channels-last
+    got = K.group_norm(xt, 2, w, b)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, K.group_norm(xt.contiguous(), 2, w, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_gradcheck_float64(activation):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: K.group_norm(x, 2, w, b, 1e-5, activation), (x, w, b))
+
+
+def test_gradients_match_torch_float32():
+    x, w, b = make_inputs((2, 12, 5, 3), torch.float32, seed=10)
+    grads = []
+    for fn in (lambda x, w, b: K.group_norm(x, 4, w, b, activation="silu"),
+               lambda x, w, b: F.silu(F.group_norm(x, 4, w, b))):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        (fn(xs, ws, bs) * torch.linspace(-1, 1, x.numel()).view(x.shape)).sum().backward()
+        grads.append((xs.grad, ws.grad, bs.grad))
+    for name, ours, theirs in zip("xwb", *grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_compile_fullgraph():
+    x, w, b = make_inputs((2, 6, 5, 7), torch.float32, seed=11)
+    x = x.contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(K.group_norm, backend="aot_eager", fullgraph=True)
+    got = compiled(x, 3, w, b, 1e-5, "silu")
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, K.group_norm(x, 3, w, b, 1e-5, "silu"))
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def bad_inputs():
+    x = torch.randn(2, 6, 4)
+    w = torch.ones(6)
+    return [
+        ("x not a tensor", dict(x=x.tolist(), num_groups=2), TypeError, "x must be a torch.Tensor"),
+        ("x integer", dict(x=x.long(), num_groups=2), TypeError, "x must be.*int64"),
+        ("x 1-D", dict(x=torch.randn(6), num_groups=2), ValueError, "at least 2-D"),
+        ("groups not dividing", dict(x=x, num_groups=4), ValueError, "num_groups.*C=6"),
+        ("groups zero", dict(x=x, num_groups=0), ValueError, "num_groups"),
+        ("groups negative", dict(x=x, num_groups=-2), ValueError, "num_groups"),
+        ("groups float", dict(x=x, num_groups=2.0), TypeError, "num_groups must be an int"),
+        ("groups bool", dict(x=x, num_groups=True), TypeError, "num_groups must be an int"),
+        ("weight shape", dict(x=x, num_groups=2, weight=torch.ones(7)), ValueError, r"weight must have shape \(6,\)"),
+        ("weight 2-D", dict(x=x, num_groups=2, weight=torch.ones(1, 6)), ValueError, "weight"),
+        ("bias shape", dict(x=x, num_groups=2, weight=w, bias=torch.ones(3)), ValueError, "bias"),
+        ("weight a list", dict(x=x, num_groups=2, weight=[1.0] * 6), TypeError, "weight"),
+        ("bias integer", dict(x=x, num_groups=2, bias=torch.ones(6, dtype=torch.long)), TypeError, "bias"),
+        ("weight device", dict(x=x, num_groups=2, weight=w.to("meta")), ValueError, "weight is on meta"),
+        ("eps negative", dict(x=x, num_groups=2, eps=-1e-5), ValueError, "eps"),
+        ("eps nan", dict(x=x, num_groups=2, eps=float("nan")), ValueError, "eps"),
+        ("eps inf", dict(x=x, num_groups=2, eps=float("inf")), ValueError, "eps"),
+        ("eps string", dict(x=x, num_groups=2, eps="1e-5"), TypeError, "eps"),
+        ("eps tensor", dict(x=x, num_groups=2, eps=torch.tensor(1e-5)), TypeError, "eps"),
+        ("activation gelu", dict(x=x, num_groups=2, activation="gelu"), ValueError, "activation"),
+        ("activation case", dict(x=x, num_groups=2, activation="SiLU"), ValueError, "activation"),
+        ("activation callable", dict(x=x, num_groups=2, activation=F.silu), ValueError, "activation"),
+    ]
+
+
+@pytest.mark.parametrize("fn", [K.group_norm, K.group_norm_ref], ids=["group_norm", "group_norm_ref"])
+@pytest.mark.parametrize("backend", ["ref", "fused", "auto"])
+@pytest.mark.parametrize("case, kwargs, exc, match", bad_inputs(), ids=[b[0] for b in bad_inputs()])
+def test_bad_input_raises_on_every_backend(fn, backend, case, kwargs, exc, match):
+    with K.use_backend(backend), pytest.raises(exc, match=match):
+        fn(**kwargs)
