@@ -154,12 +154,18 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         model_cls = cls._class_for(config)
         model = model_cls.from_config(config, **config_overrides)
         state, source = load_weights(directory, variant=variant, allow_pickle=allow_pickle)
+        state = model_cls.convert_state_dict(state)
         check_state_dict(model, state, repr(str(source)))
         model.load_state_dict(state, strict=True)
         if torch_dtype is not None:
             model.to(torch_dtype)
         model.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
         return model.eval()
+
+    @classmethod
+    def convert_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename weights of older checkpoint layouts to this class's names (identity by default)."""
+        return state
 
     @classmethod
     def _class_for(cls, config: dict[str, Any]) -> type[ModelMixin]:

@@ -1,0 +1,37 @@
+"""fusediff.models: diffusion networks whose hot paths call :mod:`fusediff.kernels`.
+
+Configs and parameter names follow diffusers', so ``save_pretrained`` directories load in
+either library. :class:`UNet2DModel` is the image UNet of DDPM/DDIM/ADM; its building blocks
+(residual, attention and embedding modules) are exported for reuse.
+"""
+
+from .attention import Attention, convert_legacy_attention_keys
+from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from .normalization import GroupNorm
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .unet_2d import UNet2DModel, UNet2DOutput
+from .unet_2d_blocks import (AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, ResnetDownsampleBlock2D,
+                             ResnetUpsampleBlock2D, UNetMidBlock2D, UpBlock2D, get_down_block, get_up_block)
+
+__all__ = [
+    "Attention",
+    "AttnDownBlock2D",
+    "AttnUpBlock2D",
+    "DownBlock2D",
+    "Downsample2D",
+    "GaussianFourierProjection",
+    "GroupNorm",
+    "ResnetBlock2D",
+    "ResnetDownsampleBlock2D",
+    "ResnetUpsampleBlock2D",
+    "TimestepEmbedding",
+    "Timesteps",
+    "UNet2DModel",
+    "UNet2DOutput",
+    "UNetMidBlock2D",
+    "UpBlock2D",
+    "Upsample2D",
+    "convert_legacy_attention_keys",
+    "get_down_block",
+    "get_up_block",
+]

@@ -1,0 +1,92 @@
+"""Embeddings of the diffusion time (and of class labels) that condition a UNet.
+
+- :class:`Timesteps`: the sinusoidal embedding of the Transformer (Vaswani et al. 2017,
+  arXiv:1706.03762, Sec. 3.5) used for t by DDPM (Ho et al. 2020, Appendix B), computed by
+  :func:`fusediff.kernels.timestep_embedding`. No parameters.
+- :class:`GaussianFourierProjection`: random Fourier features of log(sigma) (Tancik et al.
+  2020, arXiv:2006.10739), the noise-level embedding of score-based SDE models (Song et al.
+  2021, arXiv:2011.13456, the NCSN++ models). Its frequencies are a fixed, saved parameter.
+- :class:`TimestepEmbedding`: the two-layer MLP (Linear, SiLU, Linear) that maps either of
+  the above to the width the residual blocks take.
+
+Parameter names match diffusers' (``linear_1``, ``linear_2``, ``weight``), so checkpoints load
+in both libraries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import kernels
+from .activations import get_activation
+
+
+class Timesteps(nn.Module):
+    """Sinusoidal embedding (N,) -> (N, num_channels) float32 of timesteps.
+
+    Args:
+        num_channels: width of the embedding.
+        flip_sin_to_cos: put the cosines first (as ADM and most diffusers UNets do).
+        downscale_freq_shift: s in the frequency spacing max_period^(-j / (half - s)).
+        scale: multiplies the angles.
+    """
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float,
+                 scale: float = 1) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.flip_sin_to_cos = bool(flip_sin_to_cos)
+        self.downscale_freq_shift = downscale_freq_shift
+        self.scale = scale
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, num_channels)
+        return kernels.timestep_embedding(timesteps, self.num_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                                          downscale_freq_shift=self.downscale_freq_shift, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return (f"num_channels={self.num_channels}, flip_sin_to_cos={self.flip_sin_to_cos}, "
+                f"downscale_freq_shift={self.downscale_freq_shift}, scale={self.scale}")
+
+
+class GaussianFourierProjection(nn.Module):
+    """Fourier features [sin(2 pi w x), cos(2 pi w x)] of x = log(sigma), w ~ N(0, scale^2) fixed.
+
+    Args:
+        embedding_size: number of frequencies w; the output has twice as many columns.
+        scale: standard deviation of the frequencies at initialisation.
+        log: embed log(x) rather than x (x is a noise level sigma > 0).
+        flip_sin_to_cos: put the cosines first.
+    """
+
+    def __init__(self, embedding_size: int = 256, scale: float = 1.0, log: bool = True,
+                 flip_sin_to_cos: bool = False) -> None:
+        super().__init__()
+        # diffusers draws the frequencies twice and keeps the second draw; doing the same keeps a
+        # seeded initialisation identical to diffusers' (the first draw is discarded).
+        torch.randn(embedding_size)
+        self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)  # (E,)
+        self.log = log
+        self.flip_sin_to_cos = flip_sin_to_cos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, 2E)
+        if self.log:
+            x = torch.log(x)
+        angles = x[:, None] * self.weight[None, :] * 2 * math.pi  # (N, E)
+        sin, cos = torch.sin(angles), torch.cos(angles)
+        return torch.cat([cos, sin] if self.flip_sin_to_cos else [sin, cos], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP (N, in_channels) -> (N, time_embed_dim): ``linear_2(act(linear_1(x)))``."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu") -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.act = get_activation(act_fn)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:  # (N, in_channels) -> (N, time_embed_dim)
+        return self.linear_2(self.act(self.linear_1(sample)))

@@ -1,0 +1,45 @@
+"""GroupNorm as a module that runs the fused kernel, optionally with the SiLU that follows it.
+
+Group Normalization (Wu & He 2018, arXiv:1803.08494) normalises each sample over groups of
+channels; diffusion UNets (DDPM, Ho et al. 2020, Appendix B) follow almost every GroupNorm with
+a SiLU, so :class:`GroupNorm` takes ``activation="silu"`` and does both in one call of
+:func:`fusediff.kernels.group_norm`. It subclasses :class:`torch.nn.GroupNorm`, so it keeps
+that module's ``weight``/``bias`` parameters and state-dict names and loads the same
+checkpoints. Without an activation it computes what ``torch.nn.GroupNorm`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+
+
+class GroupNorm(nn.GroupNorm):
+    """``torch.nn.GroupNorm`` over (B, C, *) through :func:`fusediff.kernels.group_norm`, with an optional fused SiLU.
+
+    Args:
+        num_groups: G, a positive divisor of ``num_channels``.
+        num_channels: C, the input's channel count.
+        eps: added to the variance before the square root.
+        affine: whether to learn a per-channel ``weight`` and ``bias``.
+        activation: None, or ``"silu"`` to return silu(groupnorm(x)).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 activation: str | None = None, device=None, dtype=None) -> None:
+        if activation not in (None, "silu"):
+            raise ValueError(f"GroupNorm: activation must be None or 'silu'; got {activation!r}")
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+            raise ValueError(f"GroupNorm: num_groups must be a positive int; got {num_groups!r}")
+        if num_channels % num_groups != 0:
+            raise ValueError(f"GroupNorm: num_channels={num_channels} is not divisible by num_groups={num_groups}")
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *) -> (B, C, *)
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
