@@ -29,7 +29,7 @@ from digits_data import CONFIDENT, SIZE, classify, fit_classifier, load_digits_i
 
 UNET_CONFIG = dict(
     sample_size=SIZE, in_channels=1, out_channels=1, layers_per_block=2,
-    block_out_channels=(32, 64, 96),
+    block_out_channels=(32, 64, 64),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     norm_num_groups=8, attention_head_dim=32,
@@ -62,7 +62,7 @@ def train(args: argparse.Namespace):
 
     torch.manual_seed(args.seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device(args.device)
     images, _ = load_digits_images()
     images = images.to(device)

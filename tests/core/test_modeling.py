@@ -177,3 +177,14 @@ def test_device_dtype_and_parameter_count():
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.num_parameters() == 3 * 5 + 5 + 5 * 3 + 3
     assert modeling.WEIGHTS_NAME == "diffusion_pytorch_model"
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        Tiny().save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+    for p in (tmp_path / "m").iterdir():
+        assert p.stat().st_mode & 0o777 == 0o644, p

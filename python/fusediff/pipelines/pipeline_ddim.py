@@ -35,5 +35,6 @@ class DDIMPipeline(UnconditionalImagePipeline):
         if not 0.0 <= eta <= 1.0:
             logger.warning("eta=%s is outside [0, 1] (0 is DDIM, 1 is DDPM-like); results may be poor", eta)
         return self._run(batch_size, num_inference_steps, generator, output_type, return_dict,
-                         noise_dtype=self.unet.dtype, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                         generator=generator)
+                         noise_dtype=self.unet.dtype,
+                         step_kwargs={"eta": eta, "use_clipped_model_output": use_clipped_model_output,
+                                      "generator": generator})

@@ -27,4 +27,4 @@ class DDPMPipeline(UnconditionalImagePipeline):
         ``output_type`` is "pil", "np" ((B, H, W, C) floats in [0, 1]) or "pt" ((B, C, H, W)).
         """
         return self._run(batch_size, num_inference_steps, generator, output_type, return_dict,
-                         noise_dtype=self.unet.dtype, generator=generator)
+                         noise_dtype=self.unet.dtype, step_kwargs={"generator": generator})

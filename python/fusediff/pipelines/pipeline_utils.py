@@ -87,6 +87,8 @@ class DiffusionPipeline(ConfigMixin):
     """Base of pipelines: holds components, moves them between devices, saves and loads them."""
 
     config_name = "model_index.json"
+    # Constructor arguments stored in model_index.json as plain values, not [library, class] pairs.
+    _config_arguments: tuple[str, ...] = ()
 
     def register_modules(self, **components: Any) -> None:
         """Set each component as an attribute and record its ``[library, class]`` in the config."""
@@ -211,11 +213,14 @@ class DiffusionPipeline(ConfigMixin):
                 continue
             if name in kwargs:
                 init[name] = kwargs.pop(name)
+            elif name in pipeline_cls._config_arguments:  # a plain value, e.g. a flag
+                init[name] = entry
             elif isinstance(entry, (list, tuple)) and len(entry) == 2:
                 init[name] = _load_component(directory, name, entry, torch_dtype=torch_dtype, variant=variant,
                                              allow_pickle=allow_pickle)
-            else:  # a plain config value of the pipeline, e.g. a flag
-                init[name] = entry
+            else:
+                raise ValueError(f"{str(index_path)!r}: the entry of component {name!r} must be "
+                                 f"[library, class name]; got {entry!r}")
         init.update({k: kwargs.pop(k) for k in list(kwargs) if k in expected})
         if kwargs:
             raise TypeError(f"{pipeline_cls.__name__}.from_pretrained got unexpected arguments: {', '.join(kwargs)}")

@@ -44,8 +44,10 @@ class UnconditionalImagePipeline(DiffusionPipeline):
         return (batch_size, self.unet.config.in_channels, *spatial)
 
     def _run(self, batch_size: int, num_inference_steps: int, generator: Generator, output_type: str,
-             return_dict: bool, noise_dtype: torch.dtype | None, **step_kwargs: Any) -> ImagePipelineOutput | tuple:
-        """The sampling loop; ``noise_dtype`` is the dtype diffusers draws x_T in (then cast to the UNet's)."""
+             return_dict: bool, noise_dtype: torch.dtype | None,
+             step_kwargs: dict[str, Any] | None = None) -> ImagePipelineOutput | tuple:
+        """The sampling loop; ``noise_dtype`` is the dtype diffusers draws x_T in (then cast to the UNet's),
+        ``step_kwargs`` the extra arguments of every ``scheduler.step``."""
         self._check(batch_size, num_inference_steps, generator, output_type)
         # 1. x_T ~ N(0, I), drawn as diffusers draws it
         image = randn_tensor(self._sample_shape(batch_size), generator=generator, device=self.device,
@@ -55,6 +57,6 @@ class UnconditionalImagePipeline(DiffusionPipeline):
         # 3. x_{t-1} = step(model(x_t, t), t, x_t)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_output = self.unet(image, t).sample
-            image = self.scheduler.step(model_output, t, image, **step_kwargs).prev_sample
+            image = self.scheduler.step(model_output, t, image, **(step_kwargs or {})).prev_sample
         images = postprocess_images(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

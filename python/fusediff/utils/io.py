@@ -31,6 +31,20 @@ def _swap_in(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(root: Path) -> None:
+    """Give what was written the permissions a plain write would (mkdtemp makes 0700 directories)."""
+    mask = _current_umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory whose contents become ``target`` if the block succeeds."""
@@ -41,6 +55,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _normal_permissions(tmp)
         if not target.exists():
             os.replace(tmp, target)
             return

@@ -1,0 +1,44 @@
+"""Pipelines on a CUDA device: a CPU generator gives the CPU run's images; low precision runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusediff import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+pytestmark = pytest.mark.gpu
+
+UNET = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8, attention_head_dim=8)
+
+
+def _pipe(cls):
+    torch.manual_seed(0)
+    pipe = cls(unet=UNet2DModel(**UNET), scheduler=DDPMScheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("cls, kwargs", [(DDPMPipeline, {}), (DDIMPipeline, {"eta": 1.0})])
+def test_cuda_matches_cpu_with_a_cpu_generator(cls, kwargs):
+    pipe = _pipe(cls)
+    cpu = pipe(batch_size=3, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+               output_type="pt", **kwargs).images
+    gpu = pipe.to("cuda")(batch_size=3, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                          output_type="pt", **kwargs).images
+    assert gpu.is_cuda
+    diff = (gpu.cpu() - cpu).abs().max().item()
+    assert diff < 1e-3, f"max |cuda - cpu| = {diff}"  # TF32-free fp32; differences are rounding only
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_on_cuda(dtype):
+    pipe = _pipe(DDIMPipeline)
+    ref = pipe(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    low = pipe.to("cuda", dtype)(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0),
+                                 output_type="pt").images
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    diff = (low.float().cpu() - ref).abs().max().item()
+    assert diff < 0.05, f"max |{dtype} - fp32| = {diff}"
