@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 
 def _sample(model_dir, *args):
-    return main(["sample", "--model", str(model_dir), "--steps", "3", "--quiet", *args])
+    return main(["sample", "--model", str(model_dir), "--steps", "4", "--quiet", *args])
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "pndm"])
@@ -73,6 +73,14 @@ def test_too_many_steps_is_one_line(model_dir, capsys, tmp_path):
                  "--out", str(tmp_path / "g.png")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "500" in err, err
+
+
+def test_too_few_pndm_steps_is_one_line(model_dir, capsys, tmp_path):
+    """PNDM's Runge-Kutta warm-up needs 4 timesteps; diffusers fails there with a broadcasting error."""
+    assert main(["sample", "--model", str(model_dir), "--scheduler", "pndm", "--steps", "3", "--quiet",
+                 "--out", str(tmp_path / "g.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at least 4" in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -85,7 +85,9 @@ def test_strided_inputs_match_contiguous():
     assert not q.is_contiguous()
     got = K.attention(q, k, v)
     assert got.is_contiguous()
-    torch.testing.assert_close(got, K.attention(q.contiguous(), k.contiguous(), v.contiguous()), rtol=0, atol=0)
+    # a strided matmul may sum in another order than a contiguous one, so compare by the rule
+    dense = K.attention(q.contiguous(), k.contiguous(), v.contiguous())
+    assert_within_ref_error(got, dense, K.attention(q.double(), k.double(), v.double()), "(B, S, H, D) views")
 
 
 def test_gradcheck_float64():
