@@ -10,7 +10,11 @@ builds an instance from such a dict, also one saved by a related class
 either library reads the other's files.
 
 Keys that the class does not take are kept in ``config`` (so they survive a round trip) and
-reported with a warning, unless they belong to a class listed in ``_compatibles``.
+reported with a warning, unless they belong to a class listed in ``_compatibles``. As in
+diffusers, ``config["_use_default_values"]`` lists the arguments that took their defaults (it is
+not saved; after loading it lists the keys the file lacked), and ``from_config`` leaves those to
+the new class's own defaults: ``PNDMScheduler.from_config(DDIMScheduler().config)`` keeps PNDM's
+``set_alpha_to_one=False``.
 """
 
 from __future__ import annotations
@@ -168,7 +172,8 @@ class ConfigMixin:
     def extract_init_dict(cls, config: Mapping[str, Any], **overrides: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split ``config`` (+ ``overrides``) into constructor arguments and the keys to keep beside them."""
         expected = _init_keys(cls) - set(cls.ignore_for_config)
-        merged = {k: v for k, v in config.items() if k not in _BOOKKEEPING_KEYS}
+        defaulted = set(config.get("_use_default_values", ()))  # the source's defaults are not choices
+        merged = {k: v for k, v in config.items() if k not in _BOOKKEEPING_KEYS and k not in defaulted}
         unknown_overrides = sorted(set(overrides) - expected)
         if unknown_overrides:
             raise TypeError(f"{cls.__name__} takes no argument(s) {', '.join(unknown_overrides)}")
@@ -203,6 +208,7 @@ def register_to_config(init: Callable[..., None]) -> Callable[..., None]:
         if not isinstance(self, ConfigMixin):
             raise TypeError(f"@register_to_config needs a ConfigMixin; {type(self).__name__} is not one")
         bound = signature.bind(self, *args, **kwargs)
+        passed = set(bound.arguments)
         bound.apply_defaults()
         config: dict[str, Any] = {}
         for name, value in bound.arguments.items():
@@ -213,6 +219,9 @@ def register_to_config(init: Callable[..., None]) -> Callable[..., None]:
                 config.update(value)
             else:
                 config[name] = value
+        defaulted = sorted(name for name in config if name not in passed and name not in kwargs)
+        if defaulted:  # as diffusers: a class swap gives these the new class's defaults
+            config["_use_default_values"] = defaulted
         self.register_to_config(**config)
         init(self, *args, **kwargs)
 

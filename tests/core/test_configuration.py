@@ -33,7 +33,7 @@ class ToyRelative(ConfigMixin):
 
 def test_config_is_the_signature_with_defaults():
     toy = Toy(16, mode="b")
-    assert dict(toy.config) == {"width": 16, "sizes": (1, 2), "mode": "b"}
+    assert dict(toy.config) == {"width": 16, "sizes": (1, 2), "mode": "b", "_use_default_values": ["sizes"]}
     assert toy.config.width == 16 and toy.config["mode"] == "b"
     assert "verbose" not in toy.config  # ignore_for_config
     assert toy.built_with == (16, (1, 2), "b", False)
@@ -96,14 +96,21 @@ def test_unsavable_value_raises(tmp_path):
 
 
 def test_from_config_overrides_and_keeps_unknown_keys(caplog):
-    source = Toy(width=5)
+    source = Toy(width=5, sizes=(3, 4))
     with caplog.at_level(logging.WARNING, logger="fusediff.configuration"):
         other = ToyRelative.from_config(source.config, depth=7)
     assert other.config.width == 5 and other.config.depth == 7
-    assert other.config["sizes"] == (1, 2) and other.config["mode"] == "a"  # kept, unused
-    assert "mode" in caplog.text and "sizes" in caplog.text  # and reported
+    assert other.config["sizes"] == (3, 4)  # kept, unused
+    assert "sizes" in caplog.text  # and reported
+    assert "mode" not in other.config and "mode" not in caplog.text  # Toy's default, not a choice: dropped
     with pytest.raises(TypeError, match="takes no argument"):
         ToyRelative.from_config(source.config, colour="red")
+
+
+def test_from_config_leaves_defaults_to_the_new_class():
+    assert ToyRelative.from_config(Toy().config).config.width == 4  # Toy's default 8 was not chosen
+    assert ToyRelative.from_config(Toy(width=8).config).config.width == 8
+    assert Toy.from_config(Toy(width=3).config).config["_use_default_values"] == ["mode", "sizes"]
 
 
 def test_from_config_rejects_non_mappings():
