@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from digits_data import CONFIDENT, SIZE, classify, fit_classifier, load_digits_images
+from digits_data import SIZE, confident_digits, fit_classifier, load_digits_images
 
 UNET_CONFIG = dict(
     sample_size=SIZE, in_channels=1, out_channels=1, layers_per_block=2,
@@ -104,8 +104,7 @@ def evaluate(pipe, seed: int) -> dict:
     ddim = DDIMPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
     ddim.set_progress_bar_config(disable=True)
     samples = ddim(batch_size=256, generator=torch.Generator().manual_seed(seed), output_type="pt").images
-    labels, conf = classify(clf, samples * 2 - 1)
-    confident = conf >= CONFIDENT
+    labels, confident = confident_digits(clf, samples * 2 - 1)
     return {"classifier_holdout_accuracy": accuracy, "confident_fraction": float(confident.mean()),
             "digit_counts": {int(d): int((labels[confident] == d).sum()) for d in range(10)}}
 
