@@ -35,10 +35,16 @@ def test_cuda_matches_cpu_with_a_cpu_generator(cls, kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_on_cuda(dtype):
-    pipe = _pipe(DDIMPipeline)
+    """A half-precision run on CUDA against the same run on the CPU.
+
+    Not against a float32 run: DDIM draws x_T in the UNet's dtype, as diffusers does, and torch's CPU
+    randn gives other numbers in float16 than in float32 (torch 2.11 on the GPU machine: up to 5.7
+    apart for one seed), so a float32 run starts from other noise.
+    """
+    pipe = _pipe(DDIMPipeline).to(dtype)
     ref = pipe(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    low = pipe.to("cuda", dtype)(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0),
-                                 output_type="pt").images
-    assert low.dtype == dtype and torch.isfinite(low).all()
-    diff = (low.float().cpu() - ref).abs().max().item()
-    assert diff < 0.05, f"max |{dtype} - fp32| = {diff}"
+    low = pipe.to("cuda")(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0),
+                          output_type="pt").images
+    assert low.dtype == dtype and low.is_cuda and torch.isfinite(low).all()
+    diff = (low.float().cpu() - ref.float()).abs().max().item()
+    assert diff < 0.05, f"max |{dtype} cuda - {dtype} cpu| = {diff}"
