@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 from unittest import mock
 
+import diffusers
+import pytest
 import torch
 
 from fusediff.kernels import scheduler_step_ref
@@ -215,3 +217,20 @@ def count_fused_calls(monkeypatch) -> list[int]:
     monkeypatch.setattr(utils, "scheduler_step", counting)
     monkeypatch.setattr(pndm, "scheduler_step", counting)
     return calls
+
+
+def raises_in_both(ours: type):
+    """A check ``both_raise(exc, call)``: ``call(cls)`` raises ``exc`` for fusediff's scheduler class
+    ``ours`` and for diffusers' class of the same name."""
+    def both_raise(exc, call) -> None:
+        for cls in (ours, getattr(diffusers, ours.__name__)):
+            with pytest.raises(exc):
+                call(cls)
+    return both_raise
+
+
+def ready(cls, **config):
+    """A scheduler of ``cls`` built from ``config`` with 10 inference steps set."""
+    sched = cls(**config)
+    sched.set_timesteps(10)
+    return sched

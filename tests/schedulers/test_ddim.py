@@ -12,7 +12,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from schedulers.parity import FakeModel, check, count_fused_calls, gen, run_parity, set_all, start_sample, twins
+from schedulers.parity import (FakeModel, check, count_fused_calls, gen, raises_in_both, ready, run_parity, set_all,
+                               start_sample, twins)
 from support.tolerance import assert_within_ref_error
 
 from fusediff.kernels import use_backend
@@ -171,16 +172,7 @@ def test_timesteps_match(T, n, spacing, offset):
 
 
 # -- errors ------------------------------------------------------------------------------------
-def both_raise(exc, call):
-    for cls in (DDIMScheduler, diffusers.DDIMScheduler):
-        with pytest.raises(exc):
-            call(cls)
-
-
-def ready(cls, **config):
-    sched = cls(**config)
-    sched.set_timesteps(10)
-    return sched
+both_raise = raises_in_both(DDIMScheduler)
 
 
 def test_errors_shared_with_diffusers():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from schedulers.parity import (SHAPE, FakeModel, count_fused_calls, gen, noise_drawn_in, run_parity, set_all,
-                               start_sample, twins)
+from schedulers.parity import (SHAPE, FakeModel, count_fused_calls, gen, noise_drawn_in, raises_in_both, run_parity,
+                               set_all, start_sample, twins)
 from support.tolerance import assert_within_ref_error
 
 from fusediff.kernels import use_backend
@@ -207,11 +207,7 @@ def test_timesteps_match(T, n, spacing, offset):
 
 
 # -- errors ------------------------------------------------------------------------------------
-def both_raise(exc, call):
-    """``call(cls)`` raises ``exc`` for fusediff's class and for diffusers'."""
-    for cls in (DDPMScheduler, diffusers.DDPMScheduler):
-        with pytest.raises(exc):
-            call(cls)
+both_raise = raises_in_both(DDPMScheduler)
 
 
 def test_errors_shared_with_diffusers():

@@ -9,7 +9,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from schedulers.parity import FakeModel, count_fused_calls, run_parity, set_all, start_sample, twins
+from schedulers.parity import (FakeModel, count_fused_calls, raises_in_both, ready, run_parity, set_all, start_sample,
+                               twins)
 from support.tolerance import assert_within_ref_error
 
 from fusediff.kernels import use_backend
@@ -166,16 +167,7 @@ def test_timesteps_match(T, n, spacing, offset, skip_prk):
 
 
 # -- errors ------------------------------------------------------------------------------------
-def both_raise(exc, call):
-    for cls in (PNDMScheduler, diffusers.PNDMScheduler):
-        with pytest.raises(exc):
-            call(cls)
-
-
-def ready(cls, **config):
-    sched = cls(**config)
-    sched.set_timesteps(10)
-    return sched
+both_raise = raises_in_both(PNDMScheduler)
 
 
 def test_errors_shared_with_diffusers():
