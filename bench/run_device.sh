@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build, run every test (GPU ones included), benchmark.
+# One call on the GPU machine: build, run every test (GPU ones included), benchmark ($BENCHES, default all).
 # Expects HF diffusers' wheel (and importlib_metadata) in .whl/ (README, "Benchmarks").
 # Writes build.log, pytest.log, bench.log and the CSV files under $OUT (default ./out).
 set -uo pipefail
@@ -19,5 +19,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   python3 -m pytest tests -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -30
   echo "tests: $(( $(date +%s) - start )) s"
 fi
-python3 bench/bench_scheduler_step.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+for op in ${BENCHES:-scheduler_step group_norm}; do
+  python3 "bench/bench_$op.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+done
 echo "total: $(( $(date +%s) - start )) s"

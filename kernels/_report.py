@@ -10,6 +10,7 @@ OPS = ("scheduler_step", "group_norm", "attention", "timestep_embedding")
 # What an op's fused path is, per device type, for ops whose module decides with ``_use_fused``.
 _FUSED = {
     "scheduler_step": {"cuda": "fused CUDA kernel (fusediff._C)", "cpu": "fused C++ loop (fusediff._C)"},
+    "group_norm": {"cuda": "Triton kernel", "cpu": "Triton kernel in the interpreter"},
 }
 
 

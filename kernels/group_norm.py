@@ -26,18 +26,27 @@ Limits: x is float32, float16, bfloat16 or float64; weight and bias may have any
 (they are upcast). The reference holds float32 copies of x while it runs (a few times x's size).
 Gradients flow through plain torch ops.
 
-Dispatch: every backend runs the reference for now; the fused Triton kernel is issue 4's and
-slots into :func:`group_norm` after validation (DESIGN.md, decision 2).
+Dispatch (DESIGN.md, decision 2): the Triton kernels of ``group_norm_triton.py`` run on CUDA
+tensors (and, with ``FUSEDIFF_KERNELS=fused`` and ``TRITON_INTERPRET=1``, on CPU tensors) that
+are float32, float16 or bfloat16 and contiguous or channels-last; float64, other strides, empty
+tensors and calls that need gradients run the reference. Under ``torch.compile`` the kernels are
+reached through the custom op ``torch.ops.fusediff.group_norm``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from . import _backend
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
 
 
 def _validate(x, num_groups, weight, bias, eps, activation) -> None:
@@ -104,6 +113,69 @@ def _ref(x, num_groups, weight, bias, eps, activation):
     return y.to(x.dtype, memory_format=_memory_format(x))
 
 
+@torch.compiler.assume_constant_result
+def _have_triton() -> bool:
+    """Whether Triton can be imported (it is not on every platform)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+@torch.compiler.assume_constant_result
+def _interpreting() -> bool:
+    """Whether Triton runs its kernels in its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)  # a raise is not cached
+def _kernels() -> ModuleType:
+    try:
+        from . import group_norm_triton
+    except ImportError as err:
+        raise RuntimeError(f"group_norm's fused path needs Triton, which failed to import ({err}); install "
+                           "triton or use FUSEDIFF_KERNELS=ref") from err
+    return group_norm_triton
+
+
+def _use_fused(x: torch.Tensor, tensors) -> bool:
+    """Whether this call runs the Triton kernels (layout aside): DESIGN.md decision 2, no autograd."""
+    backend = _backend.get_backend()
+    if backend == "ref" or x.dtype not in _FUSED_DTYPES:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if x.is_cuda:
+        return backend == "fused" or _have_triton()  # "fused" without Triton raises in _kernels()
+    return backend == "fused" and x.is_cpu and _interpreting() and _have_triton()
+
+
+def _channels_last(x: torch.Tensor) -> bool | None:
+    """False for a contiguous x, True for a dense channels-last one, None for other strides."""
+    if x.is_contiguous():
+        return False
+    if _memory_format(x) is not torch.contiguous_format:
+        return True
+    return None
+
+
+def _fused(x, num_groups, weight, bias, eps, activation, channels_last):
+    if torch.compiler.is_compiling():
+        return torch.ops.fusediff.group_norm(x, num_groups, weight, bias, float(eps), activation == "silu")
+    return _kernels().launch(x, num_groups, weight, bias, float(eps), activation == "silu", channels_last)
+
+
+@torch.library.custom_op("fusediff::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float, silu: bool) -> torch.Tensor:
+    """The Triton GroupNorm(+SiLU) forward as a custom op; x contiguous or channels-last, not empty."""
+    return _kernels().launch(x, num_groups, weight, bias, eps, silu, bool(_channels_last(x)))
+
+
+@group_norm_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu):
+    return torch.empty_like(x)
+
+
 def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, eps: float = 1e-5,
                    activation: str | None = None) -> torch.Tensor:
@@ -131,4 +203,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         contiguous.
     """
     _validate(x, num_groups, weight, bias, eps, activation)
+    if x.numel() and _use_fused(x, (x, weight, bias)):
+        channels_last = _channels_last(x)
+        if channels_last is not None:
+            return _fused(x, num_groups, weight, bias, eps, activation, channels_last)
     return _ref(x, num_groups, weight, bias, eps, activation)

@@ -4,6 +4,8 @@ torch.compile; and bad input, which must raise the same clear exception on every
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,8 @@ from hypothesis import strategies as st
 from support.tolerance import assert_within_ref_error
 
 from fusediff import kernels as K
+
+GN = sys.modules["fusediff.kernels.group_norm"]  # the module; K.group_norm is the function
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [  # (shape, num_groups)
@@ -124,10 +128,11 @@ def test_float64_ref_matches_torch_closely():
 def test_channels_last_keeps_its_layout(shape, memory_format):
     x, w, b = make_inputs(shape, torch.float32, seed=7)
     xl = x.contiguous(memory_format=memory_format)
-    got = K.group_norm(xl, 3, w, b, activation="silu")
+    with K.use_backend("fused"):
+        got = K.group_norm(xl, 3, w, b, activation="silu")
     assert got.is_contiguous(memory_format=memory_format)
-    torch.testing.assert_close(got, K.group_norm(x, 3, w, b, activation="silu"), rtol=0, atol=0)
-    check_against_torch(xl, 3, w, b, 1e-5, "silu", f"{memory_format} {shape}")
+    check_against_torch(xl, 3, w, b, 1e-5, "silu", f"{memory_format} {shape}")  # both layouts, by the rule
+    check_against_torch(x, 3, w, b, 1e-5, "silu", f"contiguous {shape}")
 
 
 def test_other_strides_give_contiguous_output():
@@ -135,7 +140,7 @@ def test_other_strides_give_contiguous_output():
     xt = x.transpose(2, 3)  # (2, 6, 5, 9), neither contiguous nor channels-last
     got = K.group_norm(xt, 2, w, b)
     assert got.is_contiguous()
-    torch.testing.assert_close(got, K.group_norm(xt.contiguous(), 2, w, b), rtol=0, atol=0)
+    check_against_torch(xt, 2, w, b, 1e-5, None, "(2, 6, 5, 9) transposed view")
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])
@@ -166,6 +171,86 @@ def test_compile_fullgraph():
     got = compiled(x, 3, w, b, 1e-5, "silu")
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, K.group_norm(x, 3, w, b, 1e-5, "silu"))
+
+
+# --- the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1) ---------------------
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() or GN._interpreting()) or not GN._have_triton(),
+    reason="the Triton kernels run on CUDA, or on CPU tensors under TRITON_INTERPRET=1")
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+PLANS = [  # (shape, num_groups): which plan launch() picks
+    ((2, 32, 8, 8), 8),  # one pass: a group of 4 x 64 fits in registers
+    ((2, 63, 21, 17), 7),  # one pass, non-aligned
+    ((2, 40, 50, 60), 4),  # split: groups of 10 x 3000 over several ranges
+    ((1, 1280, 4, 4), 1),  # split, one group of all channels (tiles along C in NHWC)
+    ((3, 6, 129, 7), 2),  # split, non-aligned positions
+]
+
+
+def triton_group_norm(x, num_groups, w, b, eps, activation, out=None):
+    cl = GN._channels_last(x)
+    assert cl is not None
+    return GN._kernels().launch(x, num_groups, w, b, eps, activation == "silu", cl, out=out)
+
+
+def poisoned_like(x):
+    return torch.full_like(x, float("nan"))  # an element the kernel misses stays NaN and fails the rule
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, num_groups", PLANS, ids=[str(p) for p in PLANS])
+def test_triton_plans_write_every_element(shape, num_groups, dtype, layout):
+    x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs(shape, dtype, seed=sum(shape)))
+    x = x.contiguous(memory_format=LAYOUTS[layout])
+    out = poisoned_like(x)
+    got = triton_group_norm(x, num_groups, w, b, 1e-5, "silu", out=out)
+    assert got is out and got.stride() == x.stride()
+    lowp = torch_group_norm(x, num_groups, w, b, 1e-5, "silu")
+    hi = torch_group_norm(x.double(), num_groups, w.double(), b.double(), 1e-5, "silu")
+    assert_within_ref_error(got, lowp, hi, f"Triton {shape} G={num_groups} {dtype} {layout}")
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape, num_groups", [PLANS[0], PLANS[2]], ids=["one pass", "split"])
+def test_triton_statistics_survive_a_large_mean(shape, num_groups, layout):
+    x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs(shape, torch.float32, seed=5, offset=1e4))
+    x = x.contiguous(memory_format=LAYOUTS[layout])
+    got = triton_group_norm(x, num_groups, w, b, 1e-5, None)
+    err = (got.double() - F.group_norm(x.double(), num_groups, w.double(), b.double())).abs().max().item()
+    assert err < 1e-2, f"Triton group_norm error {err:.3e} against float64 at mean 1e4 ({shape}, {layout})"
+
+
+@needs_triton
+def test_triton_without_affine_and_strided_parameters():
+    x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs((2, 12, 9, 11), torch.float16, seed=12))
+    wide = torch.stack([w, w], dim=1)  # (C, 2): w as a view with stride 2
+    for weight, bias in ((None, None), (wide[:, 0], None), (None, b), (wide[:, 1], b)):
+        got = triton_group_norm(x, 3, weight, bias, 1e-5, "silu")
+        check = torch_group_norm(x, 3, weight, bias, 1e-5, "silu")
+        hi = torch_group_norm(x.double(), 3, None if weight is None else weight.double(),
+                              None if bias is None else bias.double(), 1e-5, "silu")
+        assert_within_ref_error(got, check, hi, f"weight={weight is not None} bias={bias is not None}")
+
+
+@needs_triton
+def test_public_function_runs_the_kernel_and_the_custom_op_checks(monkeypatch):
+    x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs((2, 8, 6, 5), torch.float32, seed=13))
+    calls = []
+    real = GN._kernels().launch
+    monkeypatch.setattr(GN._kernels(), "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with K.use_backend("fused"):
+        K.group_norm(x, 4, w, b, activation="silu")
+        K.group_norm(x.contiguous(memory_format=torch.channels_last), 4, w, b)
+        K.group_norm(x.transpose(2, 3), 4, w, b)  # other strides: the reference
+        K.group_norm(x.double(), 4, w, b)  # float64: the reference
+        K.group_norm(x.requires_grad_(), 4, w, b)  # autograd: the reference (no backward yet)
+    assert len(calls) == 2
+    torch.library.opcheck(torch.ops.fusediff.group_norm, (x.detach(), 4, w, b, 1e-5, True))
 
 
 # --- bad input -----------------------------------------------------------------------------
