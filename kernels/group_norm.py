@@ -167,8 +167,13 @@ def _fused(x, num_groups, weight, bias, eps, activation, channels_last):
 @torch.library.custom_op("fusediff::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float, silu: bool) -> torch.Tensor:
-    """The Triton GroupNorm(+SiLU) forward as a custom op; x contiguous or channels-last, not empty."""
-    return _kernels().launch(x, num_groups, weight, bias, eps, silu, bool(_channels_last(x)))
+    """The Triton GroupNorm(+SiLU) forward as a custom op; x contiguous or channels-last."""
+    channels_last = _channels_last(x)
+    if channels_last is None:  # the kernels index x as (B, C, S) in one of the two layouts
+        raise ValueError(f"fusediff::group_norm: x must be contiguous or channels-last; got strides {x.stride()}")
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _kernels().launch(x, num_groups, weight, bias, eps, silu, channels_last)
 
 
 @group_norm_op.register_fake

@@ -251,6 +251,9 @@ def test_public_function_runs_the_kernel_and_the_custom_op_checks(monkeypatch):
         K.group_norm(x.requires_grad_(), 4, w, b)  # autograd: the reference (no backward yet)
     assert len(calls) == 2
     torch.library.opcheck(torch.ops.fusediff.group_norm, (x.detach(), 4, w, b, 1e-5, True))
+    with pytest.raises(ValueError, match="contiguous or channels-last"):  # never read with the wrong strides
+        torch.ops.fusediff.group_norm(x.detach().transpose(2, 3), 4, w, b, 1e-5, True)
+    assert torch.ops.fusediff.group_norm(x.detach()[:0], 4, w, b, 1e-5, True).shape == (0, 8, 6, 5)
 
 
 # --- bad input -----------------------------------------------------------------------------
