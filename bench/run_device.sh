@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build, run every test (GPU ones included), benchmark ($BENCHES, default all).
+# One call on the GPU machine: build, run every test (GPU ones included), benchmark ($BENCHES, default all;
+# an entry op:a,b runs bench_op.py with arguments a b).
 # Expects HF diffusers' wheel (and importlib_metadata) in .whl/ (README, "Benchmarks").
+# TESTS narrows the test paths (default tests), SKIP_TESTS=1 skips them.
 # Writes build.log, pytest.log, bench.log and the CSV files under $OUT (default ./out).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -16,10 +18,12 @@ start=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  python3 -m pytest tests -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -30
+  python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -30
   echo "tests: $(( $(date +%s) - start )) s"
 fi
-for op in ${BENCHES:-scheduler_step group_norm}; do
-  python3 "bench/bench_$op.py" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+for spec in ${BENCHES:-scheduler_step group_norm attention timestep_embedding}; do
+  op=${spec%%:*}; args=""
+  [[ $spec == *:* ]] && args=${spec#*:} && args=${args//,/ }
+  python3 "bench/bench_$op.py" --out "$OUT" $args ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
 done
 echo "total: $(( $(date +%s) - start )) s"

@@ -13,6 +13,7 @@ from .group_norm import group_norm, group_norm_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 from .scheduler_step_coeffs import RULES, StepCoeffs, step_coeffs
 from .timestep_embedding import timestep_embedding, timestep_embedding_ref
+from .timestep_mlp import timestep_mlp, timestep_mlp_ref, timestep_mlp_runs_fused
 from . import scheduler_step_ext as _scheduler_step_ext  # noqa: F401  registers torch.ops.fusediff.scheduler_step
 
 __all__ = [
@@ -31,5 +32,8 @@ __all__ = [
     "step_coeffs",
     "timestep_embedding",
     "timestep_embedding_ref",
+    "timestep_mlp",
+    "timestep_mlp_ref",
+    "timestep_mlp_runs_fused",
     "use_backend",
 ]

@@ -4,12 +4,14 @@
 reference otherwise; ``fused`` also runs fused code on CPU tensors (the C++ path, or Triton
 kernels under ``TRITON_INTERPRET=1``); ``ref`` always runs the reference. The environment
 variable ``FUSEDIFF_KERNELS`` sets the default; :func:`use_backend` overrides it within a block.
+:func:`_have_triton` and :func:`_interpreting` are the two facts every Triton op's dispatch reads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -52,3 +54,18 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override.reset(token)
+
+
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None  # looked up once, at import
+
+
+def _have_triton() -> bool:
+    """Whether Triton can be imported (it is not on every platform). A module constant, so that
+    torch.compile reads it as one (it cannot trace importlib)."""
+    return _HAVE_TRITON
+
+
+@torch.compiler.assume_constant_result
+def _interpreting() -> bool:
+    """Whether Triton runs its kernels in its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")

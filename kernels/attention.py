@@ -20,18 +20,27 @@ output is zeros, as in torch. The reference materialises the (B, H, Sq, Sk) floa
 its memory grows with Sq * Sk. No mask, dropout, causal flag or grouped-query heads.
 Gradients flow through plain torch ops.
 
-Dispatch: every backend runs the reference for now; the fused Triton kernel (flash attention's
-online softmax) is issue 4's and slots into :func:`attention` after validation (DESIGN.md,
-decision 2).
+Dispatch (DESIGN.md, decision 2): the flash-attention Triton kernel of ``attention_triton.py``
+runs on CUDA tensors (and, with ``FUSEDIFF_KERNELS=fused`` and ``TRITON_INTERPRET=1``, on CPU
+tensors) that are float32, float16 or bfloat16 with any strides and 1 <= D <= 256; float64,
+D > 256, no keys (Sk = 0), empty tensors and calls that need gradients run the reference. Under
+``torch.compile`` the kernel is reached through the custom op ``torch.ops.fusediff.attention``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from . import _backend
+from ._backend import _have_triton, _interpreting
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
+MAX_FUSED_HEAD_DIM = 256  # the Triton kernel's largest head size; larger ones run the reference
 
 
 def _validate(q, k, v, scale) -> float:
@@ -75,6 +84,56 @@ def _ref(q, k, v, scale):
     return torch.matmul(probs, v.to(compute)).to(q.dtype)  # (B, H, Sq, D)
 
 
+@functools.lru_cache(maxsize=None)  # a raise is not cached
+def _kernels() -> ModuleType:
+    try:
+        from . import attention_triton
+    except ImportError as err:
+        raise RuntimeError(f"attention's fused path needs Triton, which failed to import ({err}); install "
+                           "triton or use FUSEDIFF_KERNELS=ref") from err
+    return attention_triton
+
+
+def _use_fused(q: torch.Tensor, tensors) -> bool:
+    """Whether this call runs the Triton kernel (shape aside): DESIGN.md decision 2, no autograd."""
+    backend = _backend.get_backend()
+    if backend == "ref" or q.dtype not in _FUSED_DTYPES:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if q.is_cuda:
+        return backend == "fused" or _have_triton()  # "fused" without Triton raises in _kernels()
+    return backend == "fused" and q.is_cpu and _interpreting() and _have_triton()
+
+
+def _fused_shape(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the kernel covers these sizes: some queries and keys, 1 <= D <= 256."""
+    return q.numel() > 0 and k.numel() > 0 and q.shape[3] <= MAX_FUSED_HEAD_DIM
+
+
+def _fused(q, k, v, scale):
+    if torch.compiler.is_compiling():
+        return torch.ops.fusediff.attention(q, k, v, scale)
+    return _kernels().launch(q, k, v, scale)
+
+
+@torch.library.custom_op("fusediff::attention", mutates_args=(), device_types=("cpu", "cuda"))
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Triton flash-attention forward as a custom op; inputs validated, any strides, D <= 256."""
+    if q.dtype not in _FUSED_DTYPES:
+        raise ValueError(f"fusediff::attention: q must be float32, float16 or bfloat16; got {q.dtype}")
+    if q.shape[3] > MAX_FUSED_HEAD_DIM:
+        raise ValueError(f"fusediff::attention: head size D must be at most {MAX_FUSED_HEAD_DIM}; got {q.shape[3]}")
+    if q.numel() == 0 or k.numel() == 0:  # nothing to compute, or no keys: zeros, as the reference
+        return q.new_zeros(q.shape)
+    return _kernels().launch(q, k, v, scale)
+
+
+@attention_op.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape)  # (B, H, Sq, D), contiguous
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   scale: float | None = None) -> torch.Tensor:
     """The definition of :func:`attention` in PyTorch: fp32 products and softmax, one final rounding."""
@@ -95,4 +154,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         out of shape (B, H, Sq, D) in q's dtype, contiguous.
     """
-    return _ref(q, k, v, _validate(q, k, v, scale))
+    scale = _validate(q, k, v, scale)
+    if _fused_shape(q, k) and _use_fused(q, (q, k, v)):
+        return _fused(q, k, v, scale)
+    return _ref(q, k, v, scale)

@@ -29,7 +29,7 @@ Gradients flow through plain torch ops.
 Dispatch (DESIGN.md, decision 2): the Triton kernels of ``group_norm_triton.py`` run on CUDA
 tensors (and, with ``FUSEDIFF_KERNELS=fused`` and ``TRITON_INTERPRET=1``, on CPU tensors) that
 are float32, float16 or bfloat16 and contiguous or channels-last; float64, other strides, empty
-tensors and calls that need gradients run the reference. Under ``torch.compile`` the kernels are
+tensors, batch items of 2^31 elements or more and calls that need gradients run the reference. Under ``torch.compile`` the kernels are
 reached through the custom op ``torch.ops.fusediff.group_norm``.
 """
 
@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._backend import _have_triton, _interpreting
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
@@ -111,20 +111,6 @@ def _ref(x, num_groups, weight, bias, eps, activation):
     if activation == "silu":
         y = F.silu(y)
     return y.to(x.dtype, memory_format=_memory_format(x))
-
-
-@torch.compiler.assume_constant_result
-def _have_triton() -> bool:
-    """Whether Triton can be imported (it is not on every platform)."""
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
-@torch.compiler.assume_constant_result
-def _interpreting() -> bool:
-    """Whether Triton runs its kernels in its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.lru_cache(maxsize=None)  # a raise is not cached
@@ -208,7 +194,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         contiguous.
     """
     _validate(x, num_groups, weight, bias, eps, activation)
-    if x.numel() and _use_fused(x, (x, weight, bias)):
+    if 0 < x.numel() and x.numel() // x.shape[0] < 2**31 and _use_fused(x, (x, weight, bias)):
         channels_last = _channels_last(x)
         if channels_last is not None:
             return _fused(x, num_groups, weight, bias, eps, activation, channels_last)

@@ -5,15 +5,20 @@ contiguous (NCHW...) or (S*C, 1, C) when it is channels-last (NHWC, NDHWC): both
 read where they lie, and y is written with x's strides. Each (batch item, group) pair is one
 normalisation over CPG = C/G channels by S positions (Wu & He 2018, Sec. 3.1).
 
-Two plans, chosen on the host:
+Two plans, chosen on the host by :func:`plan`:
 - one pass, when a whole group fits in one program's registers (padded CPG x S <= 16384
   elements): read once, mean and variance in two passes over the registers, write once;
-- split, otherwise: the group's positions are cut into SPLIT ranges. ``_partial_stats_kernel``
-  reduces each range to (count, mean, M2), tile by tile: a tile's mean and M2 come from two
-  passes over its registers and are merged into the running ones with Chan et al.'s pairwise
-  update (1979), so no sum of squares ever cancels. ``_apply_kernel`` merges a group's SPLIT
-  partials the same way, then reads its range again and writes y. That is one read for the
-  statistics and one read plus one write for the output.
+- split, in three launches. ``_channel_stats_kernel`` cuts every channel's positions
+  into SPLIT ranges and reduces each range to its (mean, M2) by Welford's update (1962),
+  held per element of the tile so that the loop has no reduction across threads; the tile's
+  columns are merged once at the end, and a partial last tile is merged with Chan et al.'s
+  pairwise update (1979). No sum of squares ever cancels. Tiles run along the
+  dimension memory runs along (positions in NCHW, channels in NHWC), whole rows of channels
+  at once, so both layouts are read in full cache lines. ``_finalize_kernel`` merges a group's
+  SPLIT x C/G partials the same way (mean first, then M2 around it) into a per-channel
+  (mean, rstd * weight). ``_apply_kernel`` then reads x again and writes y, visiting tiles last
+  first so that its first reads find what the statistics pass read last still in L2. That is
+  one read for the statistics and one read plus one write for the output.
 
 Statistics and the affine + SiLU are in float32 for float32, float16 and bfloat16 x; y is
 rounded once to x's dtype. Limits: forward only (autograd goes to the reference); x dense in
@@ -30,9 +35,13 @@ import triton
 import triton.language as tl
 
 ONE_PASS_MAX = 16384  # padded elements of a group that one program holds in registers
-TILE = 2048  # elements per tile of the split plan
-MAX_SPLIT = 1024  # ranges per group in the split plan (the apply kernel loads them all)
-PROGRAMS_PER_SM = 4  # the split plan aims at this many programs per streaming multiprocessor
+ONE_PASS_ELEMS_PER_WARP = 1024  # the one-pass program has one warp per this many elements (at most 16)
+TILE = 4096  # elements per tile of the split plan
+TILE_WARPS = 4  # warps per program of the split plan's statistics and apply kernels
+MAX_TILE_C = 128  # channels per tile along C (channels-last), so that a tile has several rows
+MAX_SPLIT = 1024  # ranges of positions per channel in the split plan
+PROGRAMS_PER_SM = 16  # the statistics kernel aims at this many programs per streaming multiprocessor
+FINALIZE_TILE = 4096  # partials one program of the merge holds at a time
 
 
 @triton.jit
@@ -55,12 +64,14 @@ def _one_pass_kernel(
     pid = tl.program_id(0)  # one program per (b, g)
     b = pid // G
     g = pid % G
-    base = b.to(tl.int64) * stride_b + g * CPG * stride_c
     c = tl.arange(0, BLOCK_C)
     s = tl.arange(0, BLOCK_S)
     c_ok = c < CPG
     mask = c_ok[:, None] & (s < S)[None, :]
-    offs = base + c[:, None] * stride_c + s[None, :] * stride_s  # (BLOCK_C, BLOCK_S)
+    offs = (g * CPG + c[:, None]) * stride_c + s[None, :] * stride_s  # (BLOCK_C, BLOCK_S), int32
+    batch = b.to(tl.int64) * stride_b  # the batch offset alone is int64
+    X += batch
+    Y += batch
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     n = CPG * S * 1.0
     # 1. mean, then 2. the variance of the centred values, both over the registers
@@ -80,106 +91,139 @@ def _one_pass_kernel(
 
 
 @triton.jit
-def _partial_stats_kernel(
+def _channel_stats_kernel(
     X,  # input, (B, C, S) with strides (stride_b, stride_c, stride_s)
-    PART,  # float32 (B * G, SPLIT, 3): count, mean, M2 of each range
-    G,  # number of groups
-    CPG,  # channels per group
+    PART,  # float32 (B, SPLIT, 2, C): per channel, the mean and M2 of each range of positions
+    C,  # channels
     S,  # positions per channel
     S_PER_SPLIT,  # positions per range, a multiple of BLOCK_S
-    SPLIT,  # ranges per group
+    SPLIT,  # ranges per channel
     stride_b, stride_c, stride_s,  # element strides of x over (B, C, S)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile, powers of two
 ):
-    pid = tl.program_id(0)  # (b, g)
+    b = tl.program_id(2)
     split = tl.program_id(1)  # the range of positions
-    b = pid // G
-    g = pid % G
-    base = b.to(tl.int64) * stride_b + g * CPG * stride_c
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels of this program
+    c_ok = c < C
+    xb = X + b.to(tl.int64) * stride_b  # offsets inside one batch item are int32
     s_lo = split * S_PER_SPLIT
     s_hi = tl.minimum(s_lo + S_PER_SPLIT, S)
-    zero = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), axis=0)  # a float32 scalar
-    count = zero
-    mean = zero
-    m2 = zero
-    for c0 in range(0, CPG, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        n_c = tl.minimum(CPG - c0, BLOCK_C)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = (c < CPG)[:, None] & (s < s_hi)[None, :]
-            offs = base + c[:, None] * stride_c + s[None, :] * stride_s
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            # 1. the tile's mean and M2, two passes over its registers
-            n_t = (n_c * tl.minimum(s_hi - s0, BLOCK_S)).to(tl.float32)
-            t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
-            d = tl.where(mask, x - t_mean, 0.0)
-            t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-            # 2. merged into the running (count, mean, M2): Chan, Golub & LeVeque's pairwise update
-            total = count + n_t
-            delta = t_mean - mean
-            mean = mean + delta * (n_t / total)
-            m2 = m2 + t_m2 + delta * delta * (count * (n_t / total))
-            count = total
-    out = PART + (pid * SPLIT + split) * 3
-    tl.store(out, count)
-    tl.store(out + 1, mean)
-    tl.store(out + 2, m2)
+    # 1. whole tiles: Welford's update per element of the tile, n values in every slot so far
+    n_full = (s_hi - s_lo) // BLOCK_S
+    mean_t = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    m2_t = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    s = s_lo + tl.arange(0, BLOCK_S)
+    ptrs = xb + c[:, None] * stride_c + s[None, :] * stride_s
+    for i in range(0, n_full):
+        x = tl.load(ptrs, mask=c_ok[:, None], other=0.0).to(tl.float32)
+        delta = x - mean_t
+        mean_t += delta * (1.0 / (i + 1))
+        m2_t += delta * (x - mean_t)
+        ptrs += BLOCK_S * stride_s
+    # 2. the BLOCK_S slots of a channel, n_full values each, merged at once (mean, then M2 around it)
+    count = (n_full * BLOCK_S).to(tl.float32)
+    mean = tl.sum(mean_t, axis=1) / BLOCK_S
+    dm = mean_t - mean[:, None]
+    m2 = tl.sum(m2_t, axis=1) + n_full.to(tl.float32) * tl.sum(dm * dm, axis=1)
+    # 3. a partial last tile: its own two-pass mean and M2, merged by Chan, Golub & LeVeque's update
+    s0 = s_lo + n_full * BLOCK_S
+    if s0 < s_hi:
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = c_ok[:, None] & (s < s_hi)[None, :]
+        x = tl.load(xb + c[:, None] * stride_c + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+        n_t = (s_hi - s0).to(tl.float32)
+        t_mean = tl.sum(x, axis=1) / n_t
+        d = tl.where(mask, x - t_mean[:, None], 0.0)
+        t_m2 = tl.sum(d * d, axis=1)
+        total = count + n_t
+        delta = t_mean - mean
+        mean = mean + delta * (n_t / total)
+        m2 = m2 + t_m2 + delta * delta * (count * (n_t / total))
+    out = PART + ((b * SPLIT + split) * 2) * C + c
+    tl.store(out, mean, mask=c_ok)
+    tl.store(out + C, m2, mask=c_ok)
+
+
+@triton.jit
+def _finalize_kernel(
+    PART,  # float32 (B, SPLIT, 2, C) from _channel_stats_kernel
+    STAT,  # float32 (B, C, 2) out: per channel, the group's mean and rstd * weight
+    W,  # weight (C,), read when HAS_W
+    G, CPG, C, S, S_PER_SPLIT, SPLIT,  # as in _channel_stats_kernel; G groups of CPG channels
+    stride_w,  # element stride of weight
+    eps,  # added to the variance
+    HAS_W: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,  # tile of partials, powers of two, BLOCK_C >= CPG
+):
+    pid = tl.program_id(0)  # (b, g)
+    b = pid // G
+    g = pid % G
+    c = g * CPG + tl.arange(0, BLOCK_C)  # (BLOCK_C,) the group's channels
+    c_ok = tl.arange(0, BLOCK_C) < CPG
+    part = PART + (b * SPLIT * 2) * C
+    n = (CPG * S).to(tl.float32)
+    # the group's (count, mean, M2) from its SPLIT x CPG partials: the pairwise merge, all at
+    # once, in two passes (the mean first, then M2 around it)
+    acc = tl.zeros([BLOCK_SPLIT, BLOCK_C], dtype=tl.float32)
+    for i0 in range(0, SPLIT, BLOCK_SPLIT):
+        i = i0 + tl.arange(0, BLOCK_SPLIT)
+        mask = (i < SPLIT)[:, None] & c_ok[None, :]
+        cnt = tl.minimum(S - i * S_PER_SPLIT, S_PER_SPLIT).to(tl.float32)  # (BLOCK_SPLIT,) range sizes
+        mu = tl.load(part + (i * 2 * C)[:, None] + c[None, :], mask=mask, other=0.0)
+        acc += tl.where(mask, cnt[:, None] * mu, 0.0)
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / n
+    acc = tl.zeros([BLOCK_SPLIT, BLOCK_C], dtype=tl.float32)
+    for i0 in range(0, SPLIT, BLOCK_SPLIT):
+        i = i0 + tl.arange(0, BLOCK_SPLIT)
+        mask = (i < SPLIT)[:, None] & c_ok[None, :]
+        cnt = tl.minimum(S - i * S_PER_SPLIT, S_PER_SPLIT).to(tl.float32)
+        offs = (i * 2 * C)[:, None] + c[None, :]
+        mu = tl.load(part + offs, mask=mask, other=0.0)
+        m2 = tl.load(part + offs + C, mask=mask, other=0.0)
+        dm = mu - mean
+        acc += tl.where(mask, m2 + cnt[:, None] * dm * dm, 0.0)
+    rstd = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / n + eps)
+    scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    if HAS_W:
+        scale = scale * tl.load(W + c * stride_w, mask=c_ok, other=0.0).to(tl.float32)
+    stat = STAT + (b * C + c) * 2
+    tl.store(stat, tl.zeros([BLOCK_C], dtype=tl.float32) + mean, mask=c_ok)
+    tl.store(stat + 1, scale, mask=c_ok)
 
 
 @triton.jit
 def _apply_kernel(
     X,  # input, (B, C, S) with strides (stride_b, stride_c, stride_s)
     Y,  # output, x's shape, dtype and strides
-    W,  # weight (C,), read when HAS_W
+    STAT,  # float32 (B, C, 2) from _finalize_kernel: mean and rstd * weight per channel
     Bias,  # bias (C,), read when HAS_B
-    PART,  # float32 (B * G, SPLIT, 3) from _partial_stats_kernel
-    G, CPG, S, S_PER_SPLIT, SPLIT,  # as in _partial_stats_kernel
+    C, S,  # channels, positions per channel
     stride_b, stride_c, stride_s,  # element strides of x and y over (B, C, S)
-    stride_w, stride_bias,  # element strides of weight and bias
-    eps,  # added to the variance
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    stride_bias,  # element stride of bias
+    HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile, powers of two
-    BLOCK_SPLIT: tl.constexpr,  # >= SPLIT, a power of two
 ):
-    pid = tl.program_id(0)  # (b, g)
-    split = tl.program_id(1)  # the range of positions this program writes
-    b = pid // G
-    g = pid % G
-    # 1. the group's statistics from its SPLIT partials (the pairwise merge, all at once)
-    i = tl.arange(0, BLOCK_SPLIT)
-    i_ok = i < SPLIT
-    part = PART + (pid * SPLIT + i) * 3
-    cnt = tl.load(part, mask=i_ok, other=0.0)
-    mu = tl.load(part + 1, mask=i_ok, other=0.0)
-    m2 = tl.load(part + 2, mask=i_ok, other=0.0)
-    n = tl.sum(cnt, axis=0)
-    mean = tl.sum(cnt * mu, axis=0) / n
-    dm = tl.where(i_ok, mu - mean, 0.0)
-    rstd = tl.rsqrt((tl.sum(m2, axis=0) + tl.sum(cnt * dm * dm, axis=0)) / n + eps)
-    # 2. y = (x - mean) * rstd * w + bias, then SiLU, over this program's range
-    base = b.to(tl.int64) * stride_b + g * CPG * stride_c
-    s_lo = split * S_PER_SPLIT
-    s_hi = tl.minimum(s_lo + S_PER_SPLIT, S)
-    for c0 in range(0, CPG, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < CPG
-        ch = g * CPG + c
-        scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-        if HAS_W:
-            scale = scale * tl.load(W + ch * stride_w, mask=c_ok, other=0.0).to(tl.float32)
-        shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if HAS_B:
-            shift = tl.load(Bias + ch * stride_bias, mask=c_ok, other=0.0).to(tl.float32)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = c_ok[:, None] & (s < s_hi)[None, :]
-            offs = base + c[:, None] * stride_c + s[None, :] * stride_s
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean) * scale[:, None] + shift[:, None]
-            if SILU:
-                y = y * tl.sigmoid(y)
-            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    # Tiles are visited last first: the stats pass read them last, so they may still be in L2.
+    n_c = tl.cdiv(C, BLOCK_C)
+    n_s = tl.cdiv(S, BLOCK_S)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    b = pid // (n_c * n_s)
+    rest = pid % (n_c * n_s)
+    c = (rest // n_s) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    s = (rest % n_s) * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+    c_ok = c < C
+    mask = c_ok[:, None] & (s < S)[None, :]
+    stat = STAT + (b * C + c) * 2
+    mean = tl.load(stat, mask=c_ok, other=0.0)
+    scale = tl.load(stat + 1, mask=c_ok, other=0.0)
+    offs = b.to(tl.int64) * stride_b + (c[:, None] * stride_c + s[None, :] * stride_s)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (x - mean[:, None]) * scale[:, None]
+    if HAS_B:
+        y = y + tl.load(Bias + c * stride_bias, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -197,19 +241,33 @@ def _tile(cpg: int, s: int, channels_last: bool, limit: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_S) of at most ``limit`` elements, long along the dimension memory runs along."""
     bc, bs = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
     if channels_last:
-        bc = min(bc, limit)
+        bc = min(bc, limit, MAX_TILE_C)
         return bc, min(bs, max(1, limit // bc))
     bs = min(bs, limit)
     return min(bc, max(1, limit // bs)), bs
 
 
+def fits_one_pass(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether a padded group of x fits in one program's registers."""
+    batch, channels = x.shape[0], x.shape[1]
+    s = x.numel() // (batch * channels)
+    return triton.next_power_of_2(channels // num_groups) * triton.next_power_of_2(s) <= ONE_PASS_MAX
+
+
+def plan(x: torch.Tensor, num_groups: int) -> str:
+    """"one_pass" when a padded group fits in one program's registers, else "split"."""
+    return "one_pass" if fits_one_pass(x, num_groups) else "split"
+
+
 def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-           eps: float, silu: bool, channels_last: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+           eps: float, silu: bool, channels_last: bool, out: torch.Tensor | None = None,
+           force_plan: str | None = None) -> torch.Tensor:
     """y = group_norm(x) (+ SiLU) by the Triton kernels; x validated, non-empty and dense in the
-    layout named; ``out`` (x's shape, dtype and strides) receives y if given."""
+    layout named; ``out`` (x's shape, dtype and strides) receives y if given. ``force_plan``
+    ("one_pass" or "split"; for tests and benchmarks) overrides :func:`plan`."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):
-            return launch(x, num_groups, weight, bias, eps, silu, channels_last, out)
+            return launch(x, num_groups, weight, bias, eps, silu, channels_last, out, force_plan)
     batch, channels = x.shape[0], x.shape[1]
     s = x.numel() // (batch * channels)
     cpg = channels // num_groups
@@ -217,24 +275,35 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
     y = torch.empty_like(x) if out is None else out  # x is dense, so y gets its strides
     w = weight if weight is not None else x  # a placeholder pointer when absent
     bb = bias if bias is not None else x
-    affine = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu)
-    param_strides = (w.stride(0) if weight is not None else 0, bb.stride(0) if bias is not None else 0)
-    groups = batch * num_groups
-    full_c, full_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
-    if full_c * full_s <= ONE_PASS_MAX:
-        warps = min(16, max(1, full_c * full_s // 1024))
-        _one_pass_kernel[(groups,)](x, y, w, bb, num_groups, cpg, s, *strides, *param_strides, eps,
-                                    **affine, BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps)
+    stride_w = w.stride(0) if weight is not None else 0
+    stride_bias = bb.stride(0) if bias is not None else 0
+    which = force_plan or plan(x, num_groups)
+    if which == "one_pass":
+        full_c, full_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
+        if not fits_one_pass(x, num_groups):
+            raise ValueError(f"group_norm: a group of {cpg} x {s} does not fit the one-pass plan")
+        warps = min(16, max(1, full_c * full_s // ONE_PASS_ELEMS_PER_WARP))
+        _one_pass_kernel[(batch * num_groups,)](
+            x, y, w, bb, num_groups, cpg, s, *strides, stride_w, stride_bias, eps,
+            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+            BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps)
         return y
-    block_c, block_s = _tile(cpg, s, channels_last, TILE)
-    want = _cdiv(PROGRAMS_PER_SM * _sm_count(x.device), groups)
+    # split: per-channel partial statistics, one merge per group, then the elementwise apply
+    block_c, block_s = _tile(channels, s, channels_last, TILE)
+    n_c = _cdiv(channels, block_c)
+    want = _cdiv(PROGRAMS_PER_SM * _sm_count(x.device), batch * n_c)
     split = max(1, min(want, _cdiv(s, block_s), MAX_SPLIT))
     s_per_split = _cdiv(_cdiv(s, split), block_s) * block_s  # whole tiles per range
     split = _cdiv(s, s_per_split)
-    part = torch.empty((groups, split, 3), dtype=torch.float32, device=x.device)
-    grid = (groups, split)
-    tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
-    _partial_stats_kernel[grid](x, part, num_groups, cpg, s, s_per_split, split, *strides, **tile)
-    _apply_kernel[grid](x, y, w, bb, part, num_groups, cpg, s, s_per_split, split, *strides, *param_strides,
-                        eps, **affine, **tile, BLOCK_SPLIT=triton.next_power_of_2(split))
+    part = torch.empty((batch, split, 2, channels), dtype=torch.float32, device=x.device)
+    stat = torch.empty((batch, channels, 2), dtype=torch.float32, device=x.device)
+    tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=TILE_WARPS)
+    _channel_stats_kernel[(n_c, split, batch)](x, part, channels, s, s_per_split, split, *strides, **tile)
+    block_split = min(triton.next_power_of_2(split), max(1, FINALIZE_TILE // triton.next_power_of_2(cpg)))
+    _finalize_kernel[(batch * num_groups,)](
+        part, stat, w, num_groups, cpg, channels, s, s_per_split, split, stride_w, eps,
+        HAS_W=weight is not None, BLOCK_SPLIT=block_split, BLOCK_C=triton.next_power_of_2(cpg), num_warps=4)
+    _apply_kernel[(batch * n_c * _cdiv(s, block_s),)](
+        x, y, stat, bb, channels, s, *strides, stride_bias,
+        HAS_B=bias is not None, SILU=silu, **tile)
     return y

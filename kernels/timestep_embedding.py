@@ -23,15 +23,30 @@ exponent; diffusers would return NaN there); with dim = 1 there are no frequenci
 embedding is one zero column. max_period > 0. Gradients flow to floating timesteps through
 plain torch ops.
 
-Dispatch: every backend runs the reference for now; the fused Triton kernel is issue 4's and
-slots into :func:`timestep_embedding` after validation (DESIGN.md, decision 2).
+Dispatch (DESIGN.md, decision 2): the Triton kernel of ``timestep_embedding_triton.py`` (one
+launch) runs on CUDA tensors (and, with ``FUSEDIFF_KERNELS=fused`` and ``TRITON_INTERPRET=1``, on
+CPU tensors) of the dtypes it loads. On CUDA it repeats PyTorch's float32 operations and math
+functions, so it should give diffusers' values bit for bit (test_timestep_embedding_cuda.py
+checks); in the interpreter numpy's exp/sin/cos differ from PyTorch's in the last bit. Empty
+timesteps, other dtypes and calls that need gradients run the reference.
+Under ``torch.compile`` the kernel is reached through the custom op
+``torch.ops.fusediff.timestep_embedding``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 
 import torch
+
+from . import _backend
+from ._backend import _have_triton, _interpreting
+
+# timestep dtypes the kernel loads and converts (the rest, e.g. uint16 or float8, run the reference)
+_FUSED_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+                 torch.float32, torch.float64)
 
 
 def _is_real(value) -> bool:
@@ -90,6 +105,49 @@ def timestep_embedding_ref(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: b
     return _ref(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)
 
 
+@functools.lru_cache(maxsize=None)  # a raise is not cached
+def _kernels() -> ModuleType:
+    try:
+        from . import timestep_embedding_triton
+    except ImportError as err:
+        raise RuntimeError(f"timestep_embedding's fused path needs Triton, which failed to import ({err}); "
+                           "install triton or use FUSEDIFF_KERNELS=ref") from err
+    return timestep_embedding_triton
+
+
+def _use_fused(x: torch.Tensor, tensors) -> bool:
+    """Whether this call runs the Triton kernel: DESIGN.md decision 2, no autograd."""
+    backend = _backend.get_backend()
+    if backend == "ref" or x.dtype not in _FUSED_DTYPES:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if x.is_cuda:
+        return backend == "fused" or _have_triton()  # "fused" without Triton raises in _kernels()
+    return backend == "fused" and x.is_cpu and _interpreting() and _have_triton()
+
+
+@torch.library.custom_op("fusediff::timestep_embedding", mutates_args=(), device_types=("cpu", "cuda"))
+def timestep_embedding_op(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, downscale_freq_shift: float,
+                          scale: float, max_period: float) -> torch.Tensor:
+    """The Triton sinusoid as a custom op; arguments as :func:`timestep_embedding` validates them."""
+    if timesteps.shape[0] == 0:
+        return timesteps.new_empty((0, dim), dtype=torch.float32)
+    return _kernels().launch(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)
+
+
+@timestep_embedding_op.register_fake
+def _(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
+    return timesteps.new_empty((timesteps.shape[0], dim), dtype=torch.float32)
+
+
+def _fused(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
+    args = (timesteps, dim, flip_sin_to_cos, float(downscale_freq_shift), float(scale), float(max_period))
+    if torch.compiler.is_compiling():
+        return torch.ops.fusediff.timestep_embedding(*args)
+    return _kernels().launch(*args)
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
                        downscale_freq_shift: float = 1.0, scale: float = 1.0,
                        max_period: int = 10000) -> torch.Tensor:
@@ -108,4 +166,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool 
         emb of shape (N, dim), float32, on timesteps' device.
     """
     _validate(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)
+    if timesteps.shape[0] and _use_fused(timesteps, (timesteps,)):
+        return _fused(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)
     return _ref(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)

@@ -1,8 +1,12 @@
 """attention against torch's scaled_dot_product_attention under the house tolerance rule, on
 labelled odd shapes and every dtype; large logits; strided layouts; autograd; torch.compile;
-and bad input, which must raise the same clear exception on every backend."""
+the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1): every row written,
+padded head sizes, partial key tiles, strides, dispatch and fallbacks, the custom op; and bad
+input, which must raise the same clear exception on every backend."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,9 @@ from hypothesis import strategies as st
 from support.tolerance import assert_within_ref_error
 
 from fusediff import kernels as K
+from fusediff.kernels import _backend
+
+AT = sys.modules["fusediff.kernels.attention"]  # the module; K.attention is the function
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [  # (B, H, Sq, Sk, D)
@@ -111,6 +118,189 @@ def test_compile_fullgraph():
     compiled = torch.compile(K.attention, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, 0.5), K.attention(q, k, v, 0.5))
     torch.testing.assert_close(compiled(q, k, v), K.attention(q, k, v))
+
+
+# --- the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1) -----------------------
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() or _backend._interpreting()) or not _backend._have_triton(),
+    reason="the Triton kernel runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1")
+has_triton = pytest.mark.skipif(not _backend._have_triton(), reason="needs Triton")
+KERNEL_SHAPES = [  # (B, H, Sq, Sk, D)
+    (1, 2, 7, 77, 40),  # cross-attention to 77 text tokens; D padded 40 -> 64
+    (2, 1, 130, 130, 64),  # self-attention: whole key tiles, then 2 keys; D = BLOCK_D
+    (1, 1, 1, 1, 1),  # one query, one key; D padded 1 -> 16
+    (1, 3, 77, 7, 8),  # more queries than keys; one partial key tile only
+    (1, 1, 33, 130, 80),  # D padded 80 -> 128
+    (1, 1, 5, 77, 160),  # D padded 160 -> 256
+    (1, 1, 3, 20, 256),  # the largest head size
+]
+CONFIGS = [  # launch(config=...): tiles smaller and larger than the sequences
+    dict(BLOCK_M=16, BLOCK_N=16),
+    dict(BLOCK_M=64, BLOCK_N=16),
+    dict(BLOCK_M=16, BLOCK_N=64),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
+]
+
+
+def on_device(*tensors):
+    return tuple(t.to(TRITON_DEVICE) for t in tensors)
+
+
+def triton_attention(q, k, v, scale, config=None, out=None):
+    """The kernel alone, into an output poisoned with NaN: a row it misses stays NaN and fails the rule."""
+    if out is None:
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    got = AT._kernels().launch(q, k, v, scale, out=out, config=config)
+    assert got is out
+    return got
+
+
+def check_kernel(got, q, k, v, scale, what):
+    """The house rule against our reference: float32 softmax rounded once (low), and float64."""
+    assert_within_ref_error(got, AT._ref(q, k, v, scale), AT._ref(q.double(), k.double(), v.double(), scale), what)
+
+
+@needs_triton
+@pytest.mark.parametrize("scale", [None, -0.7], ids=["default_scale", "negative_scale"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+def test_triton_writes_every_row(shape, dtype, scale):
+    q, k, v = on_device(*make_qkv(*shape, dtype, seed=sum(shape)))
+    scale = shape[-1] ** -0.5 if scale is None else scale
+    check_kernel(triton_attention(q, k, v, scale), q, k, v, scale, f"Triton {shape} {dtype} scale={scale}")
+
+
+@needs_triton
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_triton_tile_sizes(config, dtype):
+    q, k, v = on_device(*make_qkv(2, 2, 45, 77, 24, dtype, seed=11))  # no size a multiple of any tile
+    check_kernel(triton_attention(q, k, v, 0.3, config=config), q, k, v, 0.3, f"Triton {config} {dtype}")
+
+
+@needs_triton
+@settings(max_examples=15)
+@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 70), st.integers(1, 70),
+                       st.integers(1, 96)),
+       dtype=st.sampled_from(DTYPES), scale=st.floats(-1.5, 1.5), config=st.sampled_from(CONFIGS + [None]),
+       seed=st.integers(0, 2**31 - 1))
+def test_triton_random_shapes(shape, dtype, scale, config, seed):
+    q, k, v = on_device(*make_qkv(*shape, dtype, seed))
+    check_kernel(triton_attention(q, k, v, scale, config=config), q, k, v, scale,
+                 f"Triton {shape} {dtype} scale={scale} config={config} seed={seed}")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_large_logits_do_not_overflow(dtype):
+    q, k, v = on_device(*make_qkv(1, 2, 40, 77, 64, dtype, seed=12))
+    logits = 30.0 * q.float() @ k.float().transpose(-2, -1)
+    assert torch.isinf(logits.exp()).any(), "the data must overflow a softmax without its maximum subtracted"
+    got = triton_attention(q, k, v, 30.0)
+    assert torch.isfinite(got).all()
+    check_kernel(got, q, k, v, 30.0, f"Triton scale 30 {dtype}")
+
+
+def strided_layouts(b, h, sq, sk, d, dtype, seed):
+    """(name, q, k, v) views of other strides; the same values as make_qkv's tensors of that seed."""
+    q, k, v = make_qkv(b, h, sq, sk, d, dtype, seed)
+    bshd = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  (B, S, H, D) in memory
+    qkv = torch.stack([bshd(q), bshd(k), bshd(v)], dim=2)  # fused projection: (B, S, 3, H, D) when Sq == Sk
+    fused = qkv.transpose(1, 3)  # (B, H, 3, S, D) view
+    d_major = lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)  # noqa: E731  head dim strided
+    return [
+        ("(B, S, H, D) views", bshd(q), bshd(k), bshd(v)),
+        ("slices of a fused qkv", fused[:, :, 0], fused[:, :, 1], fused[:, :, 2]),
+        ("D not innermost", d_major(q), d_major(k), d_major(v)),
+        ("k and v broadcast over heads", q, k[:, :1].expand_as(k), v[:, :1].expand_as(v)),
+    ]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", range(4), ids=["bshd", "fused_qkv", "d_strided", "expanded"])
+def test_triton_reads_any_strides(case, dtype):
+    name, q, k, v = strided_layouts(2, 3, 37, 37, 40, dtype, seed=13)[case]
+    q, k, v = (t.to(TRITON_DEVICE) for t in (q, k, v))
+    assert not (q.is_contiguous() and k.is_contiguous())
+    got = triton_attention(q, k, v, 0.25)
+    dense = triton_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.25)
+    torch.testing.assert_close(got, dense, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")  # same tiles, same sums
+    check_kernel(got, q, k, v, 0.25, name)
+
+
+@needs_triton
+def test_public_function_runs_the_kernel_or_falls_back(monkeypatch):
+    q, k, v = on_device(*make_qkv(2, 2, 9, 77, 40, torch.float16, seed=14))
+    calls = []
+    real = AT._kernels().launch
+    monkeypatch.setattr(AT._kernels(), "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    bshd = q.transpose(1, 2).contiguous().transpose(1, 2)
+    with K.use_backend("fused"):
+        assert torch.equal(K.attention(bshd, k, v), K.attention(q, k, v))  # 2 kernel runs
+        K.attention(q.float(), k.float(), v.float(), 0.5)  # 3
+        assert len(calls) == 3
+        fallbacks = {
+            "float64": lambda: K.attention(q.double(), k.double(), v.double()),
+            "needs grad": lambda: K.attention(q.float().requires_grad_(), k.float(), v.float()),
+            "no keys": lambda: K.attention(q, k[:, :, :0], v[:, :, :0]),
+            "no queries": lambda: K.attention(q[:, :, :0], k, v),
+            "D = 257": lambda: K.attention(*(t.new_ones(1, 1, 3, 257) for t in (q, k, v))),
+        }
+        results = {name: fn() for name, fn in fallbacks.items()}
+    with K.use_backend("ref"):
+        K.attention(q, k, v)
+    assert len(calls) == 3, f"the reference should have run for {list(fallbacks)} and the ref backend"
+    assert torch.equal(results["no keys"], torch.zeros_like(q))
+    assert results["needs grad"].requires_grad
+    hi = AT._ref(q.double(), k.double(), v.double(), 40 ** -0.5)
+    with torch.no_grad(), K.use_backend("fused"):
+        assert_within_ref_error(K.attention(q, k, v), AT._ref(q, k, v, 40 ** -0.5), hi, "fused public function")
+
+
+@needs_triton
+def test_custom_op_checks_and_compiles(monkeypatch):
+    q, k, v = on_device(*make_qkv(1, 2, 9, 20, 24, torch.float32, seed=15))
+    bshd = q.transpose(1, 2).contiguous().transpose(1, 2)
+    for args in ((q, k, v, 0.5), (bshd, k, v, -0.3)):
+        torch.library.opcheck(torch.ops.fusediff.attention, args)
+    assert torch.equal(torch.ops.fusediff.attention(q, k[:, :, :0], v[:, :, :0], 0.5), torch.zeros_like(q))
+    assert torch.ops.fusediff.attention(q[:0], k[:0], v[:0], 0.5).shape == (0, 2, 9, 24)
+    with pytest.raises(ValueError, match="at most 256"):
+        torch.ops.fusediff.attention(*(t.new_ones(1, 1, 2, 257) for t in (q, k, v)), 0.5)
+    with pytest.raises(ValueError, match="float64"):  # the kernel has no float64 path
+        torch.ops.fusediff.attention(q.double(), k.double(), v.double(), 0.5)
+    calls = []
+    real = AT._kernels().launch
+    monkeypatch.setattr(AT._kernels(), "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with K.use_backend("fused"):
+        compiled = torch.compile(lambda q, k, v: K.attention(q, k, v, 0.5), backend="aot_eager", fullgraph=True)
+        got = compiled(bshd, k, v)
+    assert calls, "the compiled graph must call the kernel through torch.ops.fusediff.attention"
+    check_kernel(got, bshd, k, v, 0.5, "torch.compile")
+
+
+@has_triton
+@pytest.mark.parametrize("head_dim", [1, 8, 16, 40, 64, 80, 128, 160, 256])
+@pytest.mark.parametrize("sq, sk", [(1, 1), (7, 77), (4096, 77), (4096, 4096), (100000, 100000)])
+def test_tuning_space_fits_every_problem(head_dim, sq, sk):
+    at = AT._kernels()
+    bd = at.block_d(head_dim)
+    assert bd >= max(16, head_dim) and bd in at.TUNING
+    for element_size in (2, 4):
+        configs = at.configs_for(bd, at.seq_bucket(sq), at.seq_bucket(sk), element_size)
+        assert configs, "the filter must leave a config"
+        shapes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+        assert len(set(shapes)) == len(shapes), "no duplicates"
+        for bm, bn, warps, _ in shapes:
+            assert 16 <= bm <= max(16, triton_next_pow2(sq)) and 16 <= bn <= max(16, triton_next_pow2(sk))
+            assert bm * bd // (32 * warps) <= at.ACC_REGS_PER_THREAD or (bm, bn, warps) == shapes[0][:3]
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
 
 
 # --- bad input -----------------------------------------------------------------------------

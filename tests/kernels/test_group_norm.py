@@ -180,19 +180,21 @@ needs_triton = pytest.mark.skipif(
     not (torch.cuda.is_available() or GN._interpreting()) or not GN._have_triton(),
     reason="the Triton kernels run on CUDA, or on CPU tensors under TRITON_INTERPRET=1")
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-PLANS = [  # (shape, num_groups): which plan launch() picks
-    ((2, 32, 8, 8), 8),  # one pass: a group of 4 x 64 fits in registers
-    ((2, 63, 21, 17), 7),  # one pass, non-aligned
-    ((2, 40, 50, 60), 4),  # split: groups of 10 x 3000 over several ranges
-    ((1, 1280, 4, 4), 1),  # split, one group of all channels (tiles along C in NHWC)
-    ((3, 6, 129, 7), 2),  # split, non-aligned positions
+PLANS = [  # (shape, num_groups, plan): run launch() with each plan the group fits
+    ((2, 32, 8, 8), 8, "one_pass"),  # a group of 4 x 64 in registers
+    ((2, 32, 8, 8), 8, "split"),  # the same, split
+    ((2, 63, 21, 17), 7, "one_pass"),  # non-aligned
+    ((2, 63, 21, 17), 7, "split"),  # non-aligned, split
+    ((2, 40, 50, 60), 4, "split"),  # groups of 10 x 3000, several ranges per channel
+    ((1, 1280, 4, 4), 1, "split"),  # one group of all channels (several tiles along C in NHWC)
+    ((3, 6, 129, 7), 2, "split"),  # non-aligned positions
 ]
 
 
-def triton_group_norm(x, num_groups, w, b, eps, activation, out=None):
+def triton_group_norm(x, num_groups, w, b, eps, activation, out=None, plan=None):
     cl = GN._channels_last(x)
     assert cl is not None
-    return GN._kernels().launch(x, num_groups, w, b, eps, activation == "silu", cl, out=out)
+    return GN._kernels().launch(x, num_groups, w, b, eps, activation == "silu", cl, out=out, force_plan=plan)
 
 
 def poisoned_like(x):
@@ -202,39 +204,61 @@ def poisoned_like(x):
 @needs_triton
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape, num_groups", PLANS, ids=[str(p) for p in PLANS])
-def test_triton_plans_write_every_element(shape, num_groups, dtype, layout):
+@pytest.mark.parametrize("shape, num_groups, plan", PLANS, ids=[str(p) for p in PLANS])
+def test_triton_plans_write_every_element(shape, num_groups, plan, dtype, layout):
     x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs(shape, dtype, seed=sum(shape)))
     x = x.contiguous(memory_format=LAYOUTS[layout])
     out = poisoned_like(x)
-    got = triton_group_norm(x, num_groups, w, b, 1e-5, "silu", out=out)
+    got = triton_group_norm(x, num_groups, w, b, 1e-5, "silu", out=out, plan=plan)
     assert got is out and got.stride() == x.stride()
     lowp = torch_group_norm(x, num_groups, w, b, 1e-5, "silu")
     hi = torch_group_norm(x.double(), num_groups, w.double(), b.double(), 1e-5, "silu")
-    assert_within_ref_error(got, lowp, hi, f"Triton {shape} G={num_groups} {dtype} {layout}")
+    assert_within_ref_error(got, lowp, hi, f"Triton {plan} {shape} G={num_groups} {dtype} {layout}")
 
 
 @needs_triton
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("shape, num_groups", [PLANS[0], PLANS[2]], ids=["one pass", "split"])
-def test_triton_statistics_survive_a_large_mean(shape, num_groups, layout):
+@pytest.mark.parametrize("shape, num_groups, plan", [p for p in PLANS if p[0] == (2, 40, 50, 60)] + PLANS[:2],
+                         ids=lambda p: str(p))
+def test_triton_statistics_survive_a_large_mean(shape, num_groups, plan, layout):
     x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs(shape, torch.float32, seed=5, offset=1e4))
     x = x.contiguous(memory_format=LAYOUTS[layout])
-    got = triton_group_norm(x, num_groups, w, b, 1e-5, None)
+    got = triton_group_norm(x, num_groups, w, b, 1e-5, None, plan=plan)
     err = (got.double() - F.group_norm(x.double(), num_groups, w.double(), b.double())).abs().max().item()
     assert err < 1e-2, f"Triton group_norm error {err:.3e} against float64 at mean 1e4 ({shape}, {layout})"
+
+
+@needs_triton
+@pytest.mark.parametrize("programs_per_sm", [64, 1], ids=["many short ranges", "one long range"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_triton_split_with_small_tiles_merges_many_ranges(monkeypatch, layout, programs_per_sm):
+    # tiles of 64 elements and merge tiles of 4 partials: with many programs, many ranges per
+    # channel and several merge iterations per group; with one, several whole tiles per range
+    # (Welford's loop) before a partial last one
+    triton_module = GN._kernels()
+    for name, value in (("TILE", 64), ("FINALIZE_TILE", 4), ("PROGRAMS_PER_SM", programs_per_sm),
+                        ("MAX_TILE_C", 4)):
+        monkeypatch.setattr(triton_module, name, value)
+    x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs((2, 12, 13, 11), torch.float32, seed=21, offset=50.0))
+    x = x.contiguous(memory_format=LAYOUTS[layout])
+    got = triton_group_norm(x, 3, w, b, 1e-5, "silu", out=poisoned_like(x), plan="split")
+    lowp = torch_group_norm(x, 3, w, b, 1e-5, "silu")
+    hi = torch_group_norm(x.double(), 3, w.double(), b.double(), 1e-5, "silu")
+    assert_within_ref_error(got, lowp, hi, f"small tiles, {layout}")
 
 
 @needs_triton
 def test_triton_without_affine_and_strided_parameters():
     x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs((2, 12, 9, 11), torch.float16, seed=12))
     wide = torch.stack([w, w], dim=1)  # (C, 2): w as a view with stride 2
-    for weight, bias in ((None, None), (wide[:, 0], None), (None, b), (wide[:, 1], b)):
-        got = triton_group_norm(x, 3, weight, bias, 1e-5, "silu")
+    cases = [(weight, bias, plan) for weight, bias in ((None, None), (wide[:, 0], None), (None, b), (wide[:, 1], b))
+             for plan in ("one_pass", "split")]
+    for weight, bias, plan in cases:
+        got = triton_group_norm(x, 3, weight, bias, 1e-5, "silu", plan=plan)
         check = torch_group_norm(x, 3, weight, bias, 1e-5, "silu")
         hi = torch_group_norm(x.double(), 3, None if weight is None else weight.double(),
                               None if bias is None else bias.double(), 1e-5, "silu")
-        assert_within_ref_error(got, check, hi, f"weight={weight is not None} bias={bias is not None}")
+        assert_within_ref_error(got, check, hi, f"{plan} weight={weight is not None} bias={bias is not None}")
 
 
 @needs_triton

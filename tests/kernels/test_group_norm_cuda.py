@@ -43,9 +43,10 @@ def inputs(shape, dtype, seed, channels_last=False):
     return x, w, b
 
 
-def check(x, num_groups, w, b, activation, what):
+def check(x, num_groups, w, b, activation, what, plan=None):
     out = torch.full_like(x, float("nan"))  # poisoned: a missed element stays NaN
-    got = GN._kernels().launch(x, num_groups, w, b, 1e-5, activation == "silu", bool(GN._channels_last(x)), out=out)
+    got = GN._kernels().launch(x, num_groups, w, b, 1e-5, activation == "silu", bool(GN._channels_last(x)), out=out,
+                               force_plan=plan)
     assert got.stride() == x.stride()
     silu = F.silu if activation == "silu" else (lambda t: t)
     lowp = silu(F.group_norm(x, num_groups, w, b, 1e-5))
@@ -53,24 +54,29 @@ def check(x, num_groups, w, b, activation, what):
     assert_within_ref_error(got, lowp, hi, what)
 
 
+@pytest.mark.parametrize("plan", [None, "split"], ids=["auto plan", "split plan"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, num_groups", SHAPES, ids=[str(s) for s, _ in SHAPES])
-def test_unet_shapes(shape, num_groups, dtype, channels_last):
+def test_unet_shapes(shape, num_groups, dtype, channels_last, plan):
+    if plan == "split" and GN._kernels().plan(torch.empty(shape, device="meta"), num_groups) == "split":
+        pytest.skip("the auto plan is already split for this shape")
     x, w, b = inputs(shape, dtype, seed=sum(shape), channels_last=channels_last)
-    check(x, num_groups, w, b, "silu", f"{shape} G={num_groups} {dtype} channels_last={channels_last}")
+    check(x, num_groups, w, b, "silu", f"{shape} G={num_groups} {dtype} channels_last={channels_last} {plan}", plan)
 
 
 @settings(max_examples=40)
 @given(batch=st.integers(1, 3), groups=st.integers(1, 33), per_group=st.integers(1, 17),
        spatial=st.lists(st.integers(1, 70), min_size=0, max_size=3), dtype=st.sampled_from(DTYPES),
-       channels_last=st.booleans(), activation=st.sampled_from([None, "silu"]), seed=st.integers(0, 2**31 - 1))
-def test_random_shapes(batch, groups, per_group, spatial, dtype, channels_last, activation, seed):
+       channels_last=st.booleans(), activation=st.sampled_from([None, "silu"]), seed=st.integers(0, 2**31 - 1),
+       split=st.booleans())
+def test_random_shapes(batch, groups, per_group, spatial, dtype, channels_last, activation, seed, split):
     shape = (batch, groups * per_group, *spatial)
     assume(per_group * torch.Size(spatial).numel() > 1)  # torch refuses one value per group
     assume(torch.Size(shape).numel() <= 1 << 22)
     x, w, b = inputs(shape, dtype, seed, channels_last=channels_last and len(shape) in MEMORY_FORMATS)
-    check(x, groups, w, b, activation, f"{shape} G={groups} {dtype} cl={channels_last} {activation} seed={seed}")
+    check(x, groups, w, b, activation, f"{shape} G={groups} {dtype} cl={channels_last} {activation} seed={seed} "
+          f"split={split}", "split" if split else None)
 
 
 def test_public_function_under_torch_compile():

@@ -8,6 +8,8 @@
   2021, arXiv:2011.13456, the NCSN++ models). Its frequencies are a fixed, saved parameter.
 - :class:`TimestepEmbedding`: the two-layer MLP (Linear, SiLU, Linear) that maps either of
   the above to the width the residual blocks take.
+- :func:`embed_timesteps`: Timesteps, a cast and a SiLU TimestepEmbedding in one fused op
+  (:func:`fusediff.kernels.timestep_mlp`) where the kernels run, the two modules otherwise.
 
 Parameter names match diffusers' (``linear_1``, ``linear_2``, ``weight``), so checkpoints load
 in both libraries.
@@ -90,3 +92,20 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:  # (N, in_channels) -> (N, time_embed_dim)
         return self.linear_2(self.act(self.linear_1(sample)))
+
+
+def embed_timesteps(time_proj: Timesteps, mlp: TimestepEmbedding, timesteps: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """``mlp(time_proj(timesteps).to(dtype))``: (N,) -> (N, time_embed_dim), as a UNet embeds t.
+
+    Runs :func:`fusediff.kernels.timestep_mlp` (one or two kernel launches instead of a dozen ops)
+    when the MLP's activation is SiLU, its weights have ``dtype`` and the fused kernels run for
+    these tensors now; otherwise, the reference backend included, the modules themselves.
+    """
+    lin1, lin2 = mlp.linear_1, mlp.linear_2
+    if (isinstance(mlp.act, nn.SiLU) and lin1.weight.dtype == dtype
+            and kernels.timestep_mlp_runs_fused(timesteps, lin1.weight, lin1.bias, lin2.weight, lin2.bias)):
+        return kernels.timestep_mlp(timesteps, time_proj.num_channels, time_proj.flip_sin_to_cos,
+                                    time_proj.downscale_freq_shift, time_proj.scale, 10000,
+                                    lin1.weight, lin1.bias, lin2.weight, lin2.bias)
+    return mlp(time_proj(timesteps).to(dtype=dtype))

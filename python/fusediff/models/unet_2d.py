@@ -10,7 +10,8 @@ successors: scale-shift time conditioning (AdaGN, Dhariwal & Nichol 2021, arXiv:
 Sec. 3) and a class-label embedding added to the time embedding, as in that paper's
 class-conditional models; a Fourier noise-level embedding with the output divided by sigma
 (NCSN++, Song et al. 2021, arXiv:2011.13456); a learned timestep embedding. GroupNorm+SiLU,
-attention and the timestep embedding run through :mod:`fusediff.kernels`.
+attention and the timestep embedding run through :mod:`fusediff.kernels`; the sinusoidal
+embedding and its MLP run as one fused op (``timestep_mlp``) where its kernels run.
 
 The constructor takes exactly diffusers 0.42.1's ``UNet2DModel`` arguments with the same
 defaults, and the module tree has diffusers' parameter names, so ``config.json`` and the
@@ -34,7 +35,7 @@ from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
 from .activations import check_activation
 from .attention import convert_legacy_attention_keys
-from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, embed_timesteps
 from .normalization import GroupNorm
 from .resnet import TIME_EMBEDDING_NORMS
 from .unet_2d_blocks import DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, UNetMidBlock2D, get_down_block, \
@@ -176,6 +177,8 @@ class UNet2DModel(ModelMixin):
         if self.config.time_embedding_type == "learned":
             check_index_range(timesteps, self.config.num_train_timesteps, "timestep")
             timesteps = timesteps.long()
+        if isinstance(self.time_proj, Timesteps):  # sinusoid + MLP, one fused op where the kernels run
+            return embed_timesteps(self.time_proj, self.time_embedding, timesteps, self.dtype)
         t_emb = self.time_proj(timesteps).to(dtype=self.dtype)  # (B, timestep_input_dim)
         return self.time_embedding(t_emb)
 
@@ -203,6 +206,8 @@ class UNet2DModel(ModelMixin):
             if self.config.time_embedding_type == "learned":
                 check_index_range(labels, self.config.num_train_timesteps, "class label")
                 labels = labels.long()
+            if isinstance(self.time_proj, Timesteps):
+                return embed_timesteps(self.time_proj, self.class_embedding, labels, self.dtype).to(dtype=self.dtype)
             return self.class_embedding(self.time_proj(labels).to(dtype=self.dtype)).to(dtype=self.dtype)
         if labels.is_floating_point():
             raise TypeError(f"class_labels must be integer class indices; got {labels.dtype}")
