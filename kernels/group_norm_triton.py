@@ -38,9 +38,9 @@ ONE_PASS_MAX = 16384  # padded elements of a group that one program holds in reg
 ONE_PASS_ELEMS_PER_WARP = 1024  # the one-pass program has one warp per this many elements (at most 16)
 TILE = 4096  # elements per tile of the split plan
 TILE_WARPS = 4  # warps per program of the split plan's statistics and apply kernels
-MAX_TILE_C = 128  # channels per tile along C (channels-last), so that a tile has several rows
+MAX_TILE_C = 64  # channels per tile along C (channels-last), so that a tile has several rows
 MAX_SPLIT = 1024  # ranges of positions per channel in the split plan
-PROGRAMS_PER_SM = 16  # the statistics kernel aims at this many programs per streaming multiprocessor
+PROGRAMS_PER_SM = 4  # the statistics kernel aims at this many programs per streaming multiprocessor
 FINALIZE_TILE = 4096  # partials one program of the merge holds at a time
 
 
