@@ -6,7 +6,9 @@ fp16 (and bf16 unless --quick), it times in one run: fusediff's Triton flash-att
 of the FLASH_ATTENTION, EFFICIENT_ATTENTION and CUDNN_ATTENTION backends (a backend that refuses
 a shape is skipped with a note); and torch.compile of fusediff's reference (attention_ref, the
 definition), where its float32 (B, H, Sq, Sk) scores fit in MAX_SCORE_GB. Times are
-triton.testing.do_bench medians with L2 cleared before each call. flops() counts the two
+triton.testing.do_bench medians with L2 cleared before each call (an eager call: where the host's
+launch path takes longer than the L2 flush, it shows), and ms_graph, the time per call replayed
+from a CUDA graph over L2-rotated inputs (device time only). flops() counts the two
 products, 4 * B * H * Sq * Sk * D; the fraction of the device's bf16 matmul rate, measured in the
 same run (fp16's dense rate is the same on A100/H100), is the roofline fraction; vs_flash and
 vs_cudnn divide a row's TFLOP/s by those of the flash and cuDNN rows. max_err is the largest
@@ -108,9 +110,13 @@ def bench(shape, dtype_name, use_compile, matmul_rate) -> list[dict]:
                 continue
             torch.cuda.synchronize()
             ms = harness.do_bench_ms(lambda: fn(q, k, v))
+            nbytes = sum(t.numel() * t.element_size() for t in (q, k, v, got))
+            graph_ms = harness.graph_rotating_ms(fn, lambda: tuple(t.clone() for t in (q, k, v)), nbytes,
+                                                 min_calls=20, reps=5)
         tflops = flops(*shape) / ms / 1e9
         rows.append(dict(op="attention", shape="x".join(map(str, shape)), dtype=dtype_name, impl=name,
-                         ms=round(ms, 4), tflops=round(tflops, 1), frac_matmul=round(tflops / matmul_rate, 3),
+                         ms=round(ms, 4), ms_graph=round(graph_ms, 4),
+                         tflops_graph=round(flops(*shape) / graph_ms / 1e9, 1), tflops=round(tflops, 1), frac_matmul=round(tflops / matmul_rate, 3),
                          matmul_tflops=round(matmul_rate), max_err=f"{(got.float() - want).abs().max().item():.1e}",
                          config=tuned_config() if name == "fusediff" else ""))
     by_impl = {r["impl"]: r["tflops"] for r in rows}
@@ -138,7 +144,7 @@ def main(argv=None) -> None:
             rows += bench(shape, dtype_name, not args.no_compile, matmul_rate)
             print(f"{shape} {dtype_name}: {time.perf_counter() - t0:.1f} s (tuning and compiling included)", flush=True)
     path = harness.append_rows("attention.csv", rows, args.out)
-    harness.print_table(rows, ["shape", "dtype", "impl", "ms", "tflops", "frac_matmul", "vs_flash", "vs_cudnn",
+    harness.print_table(rows, ["shape", "dtype", "impl", "ms", "ms_graph", "tflops", "tflops_graph", "frac_matmul", "vs_flash", "vs_cudnn",
                                "max_err", "config"])
     print(f"bf16 matmul {matmul_rate:.0f} TFLOP/s; {time.perf_counter() - start:.0f} s in all; rows appended to {path}")
 
