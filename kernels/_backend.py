@@ -10,10 +10,13 @@ variable ``FUSEDIFF_KERNELS`` sets the default; :func:`use_backend` overrides it
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
+import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -69,3 +72,28 @@ def _have_triton() -> bool:
 def _interpreting() -> bool:
     """Whether Triton runs its kernels in its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)  # a raise is not cached
+def triton_module(op: str) -> ModuleType:
+    """fusediff.kernels.<op>_triton, imported on first use; a clear error when Triton is missing."""
+    try:
+        return importlib.import_module(f".{op}_triton", __package__)
+    except ImportError as err:
+        raise RuntimeError(f"{op}'s fused path needs Triton, which failed to import ({err}); install triton "
+                           "or use FUSEDIFF_KERNELS=ref") from err
+
+
+def use_triton(x: torch.Tensor, dtypes: tuple, tensors) -> bool:
+    """Whether a call on ``x`` runs an op's Triton kernels (DESIGN.md decision 2): not under the ref
+    backend, x's dtype in ``dtypes``, no tensor of ``tensors`` needing gradients; CUDA tensors when
+    Triton imports (or backend "fused", which then raises), CPU tensors only with backend "fused"
+    under TRITON_INTERPRET=1."""
+    backend = get_backend()
+    if backend == "ref" or x.dtype not in dtypes:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if x.is_cuda:
+        return backend == "fused" or _have_triton()
+    return backend == "fused" and x.is_cpu and _interpreting() and _have_triton()

@@ -29,14 +29,12 @@ D > 256, no keys (Sk = 0), empty tensors and calls that need gradients run the r
 
 from __future__ import annotations
 
-import functools
 import math
 from types import ModuleType
 
 import torch
 
 from . import _backend
-from ._backend import _have_triton, _interpreting
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
@@ -84,26 +82,13 @@ def _ref(q, k, v, scale):
     return torch.matmul(probs, v.to(compute)).to(q.dtype)  # (B, H, Sq, D)
 
 
-@functools.lru_cache(maxsize=None)  # a raise is not cached
 def _kernels() -> ModuleType:
-    try:
-        from . import attention_triton
-    except ImportError as err:
-        raise RuntimeError(f"attention's fused path needs Triton, which failed to import ({err}); install "
-                           "triton or use FUSEDIFF_KERNELS=ref") from err
-    return attention_triton
+    return _backend.triton_module("attention")
 
 
 def _use_fused(q: torch.Tensor, tensors) -> bool:
     """Whether this call runs the Triton kernel (shape aside): DESIGN.md decision 2, no autograd."""
-    backend = _backend.get_backend()
-    if backend == "ref" or q.dtype not in _FUSED_DTYPES:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if q.is_cuda:
-        return backend == "fused" or _have_triton()  # "fused" without Triton raises in _kernels()
-    return backend == "fused" and q.is_cpu and _interpreting() and _have_triton()
+    return _backend.use_triton(q, _FUSED_DTYPES, tensors)
 
 
 def _fused_shape(q: torch.Tensor, k: torch.Tensor) -> bool:

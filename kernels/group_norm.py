@@ -35,7 +35,6 @@ reached through the custom op ``torch.ops.fusediff.group_norm``.
 
 from __future__ import annotations
 
-import functools
 import math
 from types import ModuleType
 
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._backend import _have_triton, _interpreting
+from ._backend import _have_triton, _interpreting  # noqa: F401  (the tests read them here)
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
@@ -113,26 +112,13 @@ def _ref(x, num_groups, weight, bias, eps, activation):
     return y.to(x.dtype, memory_format=_memory_format(x))
 
 
-@functools.lru_cache(maxsize=None)  # a raise is not cached
 def _kernels() -> ModuleType:
-    try:
-        from . import group_norm_triton
-    except ImportError as err:
-        raise RuntimeError(f"group_norm's fused path needs Triton, which failed to import ({err}); install "
-                           "triton or use FUSEDIFF_KERNELS=ref") from err
-    return group_norm_triton
+    return _backend.triton_module("group_norm")
 
 
 def _use_fused(x: torch.Tensor, tensors) -> bool:
     """Whether this call runs the Triton kernels (layout aside): DESIGN.md decision 2, no autograd."""
-    backend = _backend.get_backend()
-    if backend == "ref" or x.dtype not in _FUSED_DTYPES:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    if x.is_cuda:
-        return backend == "fused" or _have_triton()  # "fused" without Triton raises in _kernels()
-    return backend == "fused" and x.is_cpu and _interpreting() and _have_triton()
+    return _backend.use_triton(x, _FUSED_DTYPES, tensors)
 
 
 def _channels_last(x: torch.Tensor) -> bool | None:

@@ -35,14 +35,13 @@ Under ``torch.compile`` the kernel is reached through the custom op
 
 from __future__ import annotations
 
-import functools
 import math
 from types import ModuleType
 
 import torch
 
 from . import _backend
-from ._backend import _have_triton, _interpreting
+from ._backend import _have_triton, _interpreting  # noqa: F401  (the tests read them here)
 
 # timestep dtypes the kernel loads and converts (the rest, e.g. uint16 or float8, run the reference)
 _FUSED_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
@@ -105,26 +104,13 @@ def timestep_embedding_ref(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: b
     return _ref(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period)
 
 
-@functools.lru_cache(maxsize=None)  # a raise is not cached
 def _kernels() -> ModuleType:
-    try:
-        from . import timestep_embedding_triton
-    except ImportError as err:
-        raise RuntimeError(f"timestep_embedding's fused path needs Triton, which failed to import ({err}); "
-                           "install triton or use FUSEDIFF_KERNELS=ref") from err
-    return timestep_embedding_triton
+    return _backend.triton_module("timestep_embedding")
 
 
 def _use_fused(x: torch.Tensor, tensors) -> bool:
     """Whether this call runs the Triton kernel: DESIGN.md decision 2, no autograd."""
-    backend = _backend.get_backend()
-    if backend == "ref" or x.dtype not in _FUSED_DTYPES:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    if x.is_cuda:
-        return backend == "fused" or _have_triton()  # "fused" without Triton raises in _kernels()
-    return backend == "fused" and x.is_cpu and _interpreting() and _have_triton()
+    return _backend.use_triton(x, _FUSED_DTYPES, tensors)
 
 
 @torch.library.custom_op("fusediff::timestep_embedding", mutates_args=(), device_types=("cpu", "cuda"))

@@ -30,14 +30,13 @@ otherwise). Under ``torch.compile`` the kernels are reached through ``torch.ops.
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._backend import _have_triton, _interpreting
+from ._backend import _have_triton, _interpreting  # noqa: F401  (the tests read them here)
 from .timestep_embedding import _FUSED_DTYPES as _TIMESTEP_DTYPES
 from .timestep_embedding import _ref as _embedding_ref
 from .timestep_embedding import _validate as _validate_embedding
@@ -98,28 +97,15 @@ def timestep_mlp_ref(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, d
     return _ref(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period, w1, b1, w2, b2)
 
 
-@functools.lru_cache(maxsize=None)  # a raise is not cached
 def _kernels() -> ModuleType:
-    try:
-        from . import timestep_mlp_triton
-    except ImportError as err:
-        raise RuntimeError(f"timestep_mlp's fused path needs Triton, which failed to import ({err}); install "
-                           "triton or use FUSEDIFF_KERNELS=ref") from err
-    return timestep_mlp_triton
+    return _backend.triton_module("timestep_mlp")
 
 
 def _use_fused(x: torch.Tensor, tensors) -> bool:
     """Whether a call with timesteps ``x`` runs the Triton kernels (weights aside): no autograd, no autocast."""
-    backend = _backend.get_backend()
-    if backend == "ref" or x.dtype not in _TIMESTEP_DTYPES:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
     if torch.is_autocast_enabled(x.device.type):  # autocast would give linear's output another dtype
         return False
-    if x.is_cuda:
-        return backend == "fused" or _have_triton()  # "fused" without Triton raises in _kernels()
-    return backend == "fused" and x.is_cpu and _interpreting() and _have_triton()
+    return _backend.use_triton(x, _TIMESTEP_DTYPES, tensors)
 
 
 def timestep_mlp_runs_fused(timesteps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from support.tolerance import assert_within_ref_error
 
 from fusediff import kernels as K
+from fusediff.kernels import _backend
 
 AT = sys.modules["fusediff.kernels.attention"]
 pytestmark = pytest.mark.gpu
@@ -100,7 +101,7 @@ def test_strided_layouts(layout, shape, dtype):
 def _space():
     """(BLOCK_D, dtype, config) for every config of the tuning space; bfloat16 for the common head sizes,
     float32 (its own table) for one."""
-    if not torch.cuda.is_available() or not AT._have_triton():
+    if not torch.cuda.is_available() or not _backend._have_triton():
         return []
     at = AT._kernels()
     cases = []
