@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, run every test (GPU ones included), benchmark ($BENCHES, default all;
-# an entry op:a,b runs bench_op.py with arguments a b).
+# BENCHES="" runs none; an entry op:a,b runs bench_op.py with arguments a b).
 # Expects HF diffusers' wheel (and importlib_metadata) in .whl/ (README, "Benchmarks").
 # TESTS narrows the test paths (default tests), SKIP_TESTS=1 skips them.
 # Writes build.log, pytest.log, bench.log and the CSV files under $OUT (default ./out).
@@ -21,7 +21,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -30
   echo "tests: $(( $(date +%s) - start )) s"
 fi
-for spec in ${BENCHES:-scheduler_step group_norm attention timestep_embedding}; do
+for spec in ${BENCHES-scheduler_step group_norm attention timestep_embedding}; do
   op=${spec%%:*}; args=""
   [[ $spec == *:* ]] && args=${spec#*:} && args=${args//,/ }
   python3 "bench/bench_$op.py" --out "$OUT" $args ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.spy import record_calls
 from support.tolerance import assert_within_ref_error
 
 from fusediff import kernels as K
@@ -234,9 +235,7 @@ def test_triton_reads_any_strides(case, dtype):
 @needs_triton
 def test_public_function_runs_the_kernel_or_falls_back(monkeypatch):
     q, k, v = on_device(*make_qkv(2, 2, 9, 77, 40, torch.float16, seed=14))
-    calls = []
-    real = AT._kernels().launch
-    monkeypatch.setattr(AT._kernels(), "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = record_calls(monkeypatch, AT._kernels(), "launch")
     bshd = q.transpose(1, 2).contiguous().transpose(1, 2)
     with K.use_backend("fused"):
         assert torch.equal(K.attention(bshd, k, v), K.attention(q, k, v))  # 2 kernel runs
@@ -272,9 +271,7 @@ def test_custom_op_checks_and_compiles(monkeypatch):
         torch.ops.fusediff.attention(*(t.new_ones(1, 1, 2, 257) for t in (q, k, v)), 0.5)
     with pytest.raises(ValueError, match="float64"):  # the kernel has no float64 path
         torch.ops.fusediff.attention(q.double(), k.double(), v.double(), 0.5)
-    calls = []
-    real = AT._kernels().launch
-    monkeypatch.setattr(AT._kernels(), "launch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = record_calls(monkeypatch, AT._kernels(), "launch")
     with K.use_backend("fused"):
         compiled = torch.compile(lambda q, k, v: K.attention(q, k, v, 0.5), backend="aot_eager", fullgraph=True)
         got = compiled(bshd, k, v)

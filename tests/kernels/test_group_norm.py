@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from support.spy import record_calls
 from support.tolerance import assert_within_ref_error
 
 from fusediff import kernels as K
@@ -264,9 +265,7 @@ def test_triton_without_affine_and_strided_parameters():
 @needs_triton
 def test_public_function_runs_the_kernel_and_the_custom_op_checks(monkeypatch):
     x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs((2, 8, 6, 5), torch.float32, seed=13))
-    calls = []
-    real = GN._kernels().launch
-    monkeypatch.setattr(GN._kernels(), "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = record_calls(monkeypatch, GN._kernels(), "launch")
     with K.use_backend("fused"):
         K.group_norm(x, 4, w, b, activation="silu")
         K.group_norm(x.contiguous(memory_format=torch.channels_last), 4, w, b)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from support.spy import record_calls
 from support.tolerance import assert_within_ref_error
 
 import fusediff._C as C
@@ -171,11 +172,9 @@ def test_backend_selection(monkeypatch):
 
 
 def test_dispatch_runs_the_chosen_path(monkeypatch):
-    calls = []
     import fusediff.kernels.scheduler_step_ext as ext
 
-    real = ext.launch
-    monkeypatch.setattr(ext, "launch", lambda *a: calls.append(1) or real(*a))
+    calls = record_calls(monkeypatch, ext, "launch")
     x, m, _, _ = make_inputs((4, 4), torch.float32, 0, False, seed=2)
     c = SC.ddim(0.4, 0.6)
     for backend, fused in [("auto", False), ("ref", False), ("fused", True)]:

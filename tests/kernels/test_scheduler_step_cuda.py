@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from support.spy import record_calls
 from support.tolerance import assert_within_ref_error
 
 from fusediff import kernels as K
@@ -66,9 +67,7 @@ def test_cuda_matches_ref(shape, dtype, nh, misaligned):
 def test_auto_backend_runs_the_kernel_on_cuda(monkeypatch):
     import fusediff.kernels.scheduler_step_ext as ext
 
-    calls = []
-    real = ext.launch
-    monkeypatch.setattr(ext, "launch", lambda *a: calls.append(1) or real(*a))
+    calls = record_calls(monkeypatch, ext, "launch")
     x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.float16)
     with K.use_backend("auto"):
         K.scheduler_step(x, x.clone(), SC.ddim(0.4, 0.6))
