@@ -8,12 +8,10 @@ are imported on first use, so ``import fusediff`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 from . import kernels  # noqa: E402
+from .utils.lazy import lazy_exports  # noqa: E402
 
 # public name -> submodule that defines it
 _EXPORTS = {
@@ -23,29 +21,36 @@ _EXPORTS = {
     "ModelMixin": "modeling",
     "UNet2DModel": "models",
     "UNet2DOutput": "models",
+    "UNet2DConditionModel": "models",
+    "UNet2DConditionOutput": "models",
+    "AutoencoderKL": "models",
+    "VQModel": "models",
+    "LDMBertModel": "models",
     "SchedulerMixin": "schedulers",
     "SchedulerOutput": "schedulers",
     "DDPMScheduler": "schedulers",
     "DDIMScheduler": "schedulers",
     "PNDMScheduler": "schedulers",
+    "EulerDiscreteScheduler": "schedulers",
+    "EulerAncestralDiscreteScheduler": "schedulers",
+    "HeunDiscreteScheduler": "schedulers",
+    "LMSDiscreteScheduler": "schedulers",
+    "DPMSolverMultistepScheduler": "schedulers",
+    "DEISMultistepScheduler": "schedulers",
+    "UniPCMultistepScheduler": "schedulers",
     "DiffusionPipeline": "pipelines",
     "ImagePipelineOutput": "pipelines",
     "DDPMPipeline": "pipelines",
     "DDIMPipeline": "pipelines",
     "PNDMPipeline": "pipelines",
+    "StableDiffusionPipeline": "pipelines",
+    "StableDiffusionImg2ImgPipeline": "pipelines",
+    "StableDiffusionInpaintPipeline": "pipelines",
+    "LDMTextToImagePipeline": "pipelines",
+    "StableDiffusionPipelineOutput": "pipelines",
 }
 
 __all__ = ["__version__", "kernels", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fusediff' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -13,6 +13,19 @@ from .unet_2d import UNet2DModel, UNet2DOutput
 from .unet_2d_blocks import (AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, ResnetDownsampleBlock2D,
                              ResnetUpsampleBlock2D, UNetMidBlock2D, UpBlock2D, get_down_block, get_up_block)
 
+from ..utils.lazy import lazy_exports
+
+# exported on first use (utils/lazy.py): name -> submodule
+_LAZY = {
+    "UNet2DConditionModel": "unet_2d_condition",
+    "UNet2DConditionOutput": "unet_2d_condition",
+    "Transformer2DModel": "transformer_2d",
+    "AutoencoderKL": "autoencoder_kl",
+    "VQModel": "vq_model",
+    "LDMBertModel": "ldm_bert",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+
 __all__ = [
     "Attention",
     "AttnDownBlock2D",
@@ -33,5 +46,4 @@ __all__ = [
     "Upsample2D",
     "convert_legacy_attention_keys",
     "get_down_block",
-    "get_up_block",
-]
+    "get_up_block", *_LAZY]

@@ -5,5 +5,17 @@ from .pipeline_ddpm import DDPMPipeline
 from .pipeline_pndm import PNDMPipeline
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, numpy_to_pil
 
+from ..utils.lazy import lazy_exports
+
+# exported on first use (utils/lazy.py): name -> submodule
+_LAZY = {
+    "StableDiffusionPipeline": "pipeline_stable_diffusion",
+    "StableDiffusionPipelineOutput": "pipeline_stable_diffusion",
+    "StableDiffusionImg2ImgPipeline": "pipeline_stable_diffusion_img2img",
+    "StableDiffusionInpaintPipeline": "pipeline_stable_diffusion_inpaint",
+    "LDMTextToImagePipeline": "pipeline_latent_diffusion",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+
 __all__ = ["DDIMPipeline", "DDPMPipeline", "DiffusionPipeline", "ImagePipelineOutput", "PNDMPipeline",
-           "numpy_to_pil"]
+           "numpy_to_pil", *_LAZY]

@@ -10,4 +10,18 @@ from .scheduling_ddpm import DDPMScheduler
 from .scheduling_pndm import PNDMScheduler
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "SchedulerMixin", "SchedulerOutput"]
+from ..utils.lazy import lazy_exports
+
+# exported on first use (utils/lazy.py): name -> submodule
+_LAZY = {
+    "EulerDiscreteScheduler": "scheduling_euler_discrete",
+    "EulerAncestralDiscreteScheduler": "scheduling_euler_ancestral_discrete",
+    "HeunDiscreteScheduler": "scheduling_heun_discrete",
+    "LMSDiscreteScheduler": "scheduling_lms_discrete",
+    "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
+    "DEISMultistepScheduler": "scheduling_deis_multistep",
+    "UniPCMultistepScheduler": "scheduling_unipc_multistep",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+
+__all__ = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "SchedulerMixin", "SchedulerOutput", *_LAZY]
