@@ -6,8 +6,9 @@ h_j, and writes the previous sample (and, optionally, the clipped x0 prediction)
     x0  = P_X*x + P_M*m + P_N*n,  clamped to [-clip, clip] when clip > 0
     out = C_X*x + C_M*m + C_N*n + C_X0*x0 + sum_j C_H[j]*h_j
 
-:mod:`fusediff.kernels.scheduler_step_coeffs` turns DDPM, DDIM, Euler, Euler ancestral,
-DPM-Solver++ 2M and PNDM/PLMS updates into these coefficients. :func:`scheduler_step_ref`
+:mod:`fusediff.kernels.scheduler_step_coeffs` turns DDPM, DDIM, PNDM/PLMS, Euler, Euler
+ancestral, Heun, LMS, DPM-Solver(++) 1/2/3M and DEIS updates into these coefficients, and
+:mod:`~fusediff.kernels.scheduler_step_unipc` UniPC's. :func:`scheduler_step_ref`
 is the definition (PyTorch, any device); the fused paths are C++ on the CPU and CUDA on the
 GPU (csrc/), arithmetic in fp32 for fp32, fp16 and bf16 tensors. Dispatch follows
 DESIGN.md decision 2; gradients and float64 go to the reference.

@@ -6,8 +6,10 @@ Every supported update is, per element, the same small formula (csrc/scheduler_s
     x0  = clamp(x0, -clip, clip)                  when clip > 0
     out = C_X*x + C_M*m + C_N*n + C_X0*x0 + sum_j C_H[j]*h_j
 
-with x the sample, m the model output, n the noise and h_j earlier model outputs (or earlier
-x0 predictions, for DPM-Solver++). Each function below maps one rule's scalars to a
+with x the sample, m the model output, n the noise and h_j what a rule keeps between steps:
+earlier model outputs (PLMS), earlier x0 predictions (DPM-Solver(++), DEIS), earlier ODE
+derivatives (LMS), or the first stage's sample and x0 (Heun's second stage). UniPC's
+predictor-corrector coefficients are in :mod:`scheduler_step_unipc`. Each function below maps one rule's scalars to a
 :class:`StepCoeffs`; they are small pure functions of Python floats, so a scheduler can build
 a whole table of steps up front. Notation: ``alpha_prod_t`` is the cumulative product
 alpha-bar_t of DDPM (Ho et al. 2020, eq. 4); ``sigma`` is the noise level of the variance-
@@ -243,13 +245,247 @@ def pndm(alpha_prod_t: float, alpha_prod_t_prev: float, weights: Sequence[float]
     return StepCoeffs(c_x=c_x, c_m=-g * scale * weights[0], **_history([-g * scale * w for w in weights[1:]]))
 
 
+# -- multistep exponential integrators: DPM-Solver(++) and DEIS ---------------------------------
+# A step from noise level sigma_s0 to sigma_t combines the converted output D0 of this step (the
+# x0 slot: data prediction x0 for DPM-Solver++, noise prediction eps for DPM-Solver and DEIS) with
+# those of the previous steps at sigma_s1, sigma_s2 (history[0], history[1]). sigma is the VE level
+# sqrt((1 - abar)/abar); its VP pair is alpha = 1/sqrt(sigma^2 + 1), sigma_vp = sigma*alpha, and
+# lambda = log(alpha/sigma_vp) = -log(sigma).
+DPM_SOLVER_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+
+
+def _phi_tail(k: int, x: float) -> float:
+    """phi_k(x) - 1/k!, where phi_k(x) = sum_j x^j/(j + k)! (phi_1 = (e^x - 1)/x, phi_2 = (e^x - 1 - x)/x^2);
+    a series for |x| < 1, where the closed form cancels (Lu et al. 2022, arXiv:2206.00927, sec. 3.3)."""
+    if abs(x) < 1.0:
+        term, total = 1.0 / math.factorial(k), 0.0
+        for j in range(1, 24):  # |x|^23 / 25! < 1e-25
+            term *= x / (j + k)
+            total += term
+        return total
+    if k == 1:
+        return math.expm1(x) / x - 1.0
+    return (math.expm1(x) - x) / (x * x) - 0.5
+
+
+def _dpm_differences(lambdas: Sequence[float], h: float) -> list[list[float]]:
+    """D0, D1 (and D2) of the multistep DPM-Solvers as weights of (m0, m1, m2), from the lambdas of
+    the last steps (most recent first) and the step size h (Lu et al. 2022, arXiv:2211.01095, alg. 2)."""
+    order = len(lambdas)
+    d0 = [1.0, 0.0, 0.0]
+    if order == 1:
+        return [d0]
+    r0 = (lambdas[0] - lambdas[1]) / h  # ratio of the previous step size to this one
+    d1_0 = [1.0 / r0, -1.0 / r0, 0.0]  # (m0 - m1)/r0
+    if order == 2:
+        return [d0, d1_0]
+    r1 = (lambdas[1] - lambdas[2]) / h
+    d1_1 = [0.0, 1.0 / r1, -1.0 / r1]  # (m1 - m2)/r1
+    d1 = [a + r0 / (r0 + r1) * (a - b) for a, b in zip(d1_0, d1_1)]
+    d2 = [(a - b) / (r0 + r1) for a, b in zip(d1_0, d1_1)]
+    return [d0, d1, d2]
+
+
+def dpm_solver_multistep(sigma_t: float, sigmas: Sequence[float], *, prediction_type: str = "epsilon",
+                         algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint") -> StepCoeffs:
+    """Multistep DPM-Solver(++) step of order len(sigmas) from sigmas[0] to sigma_t.
+
+    ``sigmas`` are the levels of this step and the previous ones, most recent first; history[j] must
+    hold the converted output of the step at sigmas[j + 1]. With h = lambda_t - lambda_s0 and D0, D1, D2
+    the divided differences of ``_dpm_differences``:
+      dpmsolver++ (Lu et al. 2022, arXiv:2211.01095, eq. 9 and alg. 2):
+        x_t = (sigma_t/sigma_s0) x + alpha_t (1 - e^-h) D0 + a1 D1 + a2 D2
+      sde-dpmsolver++ (the same paper, SDE variant): h -> 2h in the D terms, x scaled by e^-h, plus
+        sigma_t sqrt(1 - e^-2h) z
+      dpmsolver, sde-dpmsolver (Lu et al. 2022, arXiv:2206.00927, eq. 3.7; D = eps):
+        x_t = (alpha_t/alpha_s0) x - sigma_t (e^h - 1) D0 + ... (doubled D terms and noise for the SDE)
+    a1 is -a0/2 for the midpoint solver type and the exact integral of the linear term for heun (and
+    for order 3). A step to sigma_t = 0 must be first order; there x_t = x0 (data prediction only).
+    """
+    _check_prediction(prediction_type)
+    if algorithm_type not in DPM_SOLVER_ALGORITHMS:
+        raise ValueError(f"algorithm_type must be one of {', '.join(DPM_SOLVER_ALGORITHMS)}; got {algorithm_type!r}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be midpoint or heun; got {solver_type!r}")
+    order = len(sigmas)
+    if not 1 <= order <= 3:
+        raise ValueError(f"dpm_solver_multistep takes 1 to 3 sigmas (its order); got {order}")
+    if order == 3 and algorithm_type == "sde-dpmsolver":
+        raise ValueError("sde-dpmsolver has no third-order update; use solver_order <= 2")
+    if sigma_t < 0 or any(not s > 0 for s in sigmas):
+        raise ValueError(f"noise levels must be > 0 (sigma_t >= 0); got sigma_t={sigma_t}, sigmas={list(sigmas)}")
+    data = algorithm_type.endswith("++")
+    alpha_s0, vsig_s0 = _vp_from_sigma(sigmas[0])
+    (x0_x, x0_m), (e_x, e_m) = _vp_predictions(alpha_s0, vsig_s0, prediction_type)
+    p_x, p_m = (x0_x, x0_m) if data else (e_x, e_m)
+    if sigma_t == 0:  # h = inf: x_t = x0 (the limit of the first-order step)
+        if not data or order > 1:
+            raise ValueError("a step to sigma_t = 0 must be first order with a data-prediction algorithm "
+                             "(dpmsolver++ or sde-dpmsolver++)")
+        return StepCoeffs(p_x=p_x, p_m=p_m, c_x0=1.0)
+    alpha_t, vsig_t = _vp_from_sigma(sigma_t)
+    lambdas = [-math.log(s) for s in sigmas]
+    h = -math.log(sigma_t) - lambdas[0]
+    if h == 0:  # no step
+        return StepCoeffs(p_x=p_x, p_m=p_m, c_x=1.0)
+    sde = algorithm_type.startswith("sde")
+    noise = 0.0
+    # 1. the weights a0, a1, a2 of D0, D1, D2 and the coefficient of x
+    if data:
+        g = 2.0 * h if sde else h  # the SDE's D integrals are the ODE's with 2h
+        c_x = vsig_t / vsig_s0 * (math.exp(-h) if sde else 1.0)
+        a0 = -alpha_t * math.expm1(-g)  # alpha_t (1 - e^-g)
+        a1_exact, a2 = -alpha_t * _phi_tail(1, -g), -alpha_t * _phi_tail(2, -g)
+        if sde:
+            noise = vsig_t * math.sqrt(-math.expm1(-2.0 * h))
+    else:
+        k = 2.0 if sde else 1.0  # the SDE doubles the D terms
+        c_x = alpha_t / alpha_s0
+        a0 = -k * vsig_t * math.expm1(h)
+        a1_exact, a2 = -k * vsig_t * _phi_tail(1, h), -k * vsig_t * _phi_tail(2, h)
+        if sde:
+            noise = vsig_t * math.sqrt(math.expm1(2.0 * h))
+    a1 = 0.5 * a0 if (order == 2 and solver_type == "midpoint") else a1_exact
+    # 2. x_t = c_x x + a0 D0 + a1 D1 + a2 D2 with each D a combination of (m0, m1, m2)
+    weights = [0.0, 0.0, 0.0]
+    for a, d in zip((a0, a1, a2), _dpm_differences(lambdas, h)):
+        weights = [w + a * dj for w, dj in zip(weights, d)]
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_n=noise, c_x0=weights[0], c_h0=weights[1], c_h1=weights[2])
+
+
+def _deis_antiderivative(rho: float, nodes: Sequence[float]) -> float:
+    """F(rho) with dF/drho = l(log rho), l the Lagrange basis polynomial in u = log rho that is 1 at u = nodes[0]
+    and 0 at the other nodes (1 to 3 of them); F(0) = 0."""
+    if rho == 0:
+        return 0.0
+    u = math.log(rho)
+    if len(nodes) == 1:
+        return rho
+    if len(nodes) == 2:  # l(u) = (u - c)/(b - c); int (u - c) e^u du = e^u (u - c - 1)
+        b, c = nodes
+        return rho * (u - c - 1.0) / (b - c)
+    b, c, d = nodes  # l(u) = (u - c)(u - d)/((b - c)(b - d)); int (u-c)(u-d) e^u du = e^u ((u-c)(u-d) - (2u-c-d) + 2)
+    return rho * ((u - c) * (u - d) - (2.0 * u - c - d) + 2.0) / ((b - c) * (b - d))
+
+
+def deis_multistep(sigma_t: float, sigmas: Sequence[float], *, prediction_type: str = "epsilon") -> StepCoeffs:
+    """DEIS step (log-rho, Zhang & Chen 2023, arXiv:2204.13902, eq. 15) of order len(sigmas) to sigma_t.
+
+    In rho = sigma (the VE level, sigma_vp/alpha) the probability-flow ODE is d(x/alpha) = eps drho, and
+    eps is interpolated by a polynomial in log rho through the current and earlier noise predictions:
+        x_t = alpha_t (x/alpha_s0 + sum_j c_j eps_j),  c_j = int_{rho_s0}^{rho_t} l_j(log rho) drho
+    ``sigmas`` are the levels of this step and the previous ones, most recent first; history[j] must hold
+    the noise prediction of the step at sigmas[j + 1].
+    """
+    _check_prediction(prediction_type)
+    order = len(sigmas)
+    if not 1 <= order <= 3:
+        raise ValueError(f"deis_multistep takes 1 to 3 sigmas (its order); got {order}")
+    if sigma_t < 0 or any(not s > 0 for s in sigmas):
+        raise ValueError(f"noise levels must be > 0 (sigma_t >= 0); got sigma_t={sigma_t}, sigmas={list(sigmas)}")
+    alpha_s0, vsig_s0 = _vp_from_sigma(sigmas[0])
+    _, (p_x, p_m) = _vp_predictions(alpha_s0, vsig_s0, prediction_type)
+    alpha_t, _ = _vp_from_sigma(sigma_t)
+    logs = [math.log(s) for s in sigmas]
+    # 1. c_j: the integral of the j-th Lagrange basis polynomial (node j first) from rho_s0 to rho_t
+    weights = []
+    for j in range(order):
+        nodes = [logs[j]] + logs[:j] + logs[j + 1:]
+        weights.append(alpha_t * (_deis_antiderivative(sigma_t, nodes) - _deis_antiderivative(sigmas[0], nodes)))
+    # 2. x_t = (alpha_t/alpha_s0) x + alpha_t c_0 eps_0 + alpha_t c_1 eps_1 + alpha_t c_2 eps_2
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=alpha_t / alpha_s0, c_x0=weights[0], **_history(weights[1:]))
+
+
+# -- sigma-parameterised ODE steps: Heun, linear multistep (LMS) -------------------------------
+# The unscaled sample is x = x0 + sigma*eps (Karras et al. 2022); d = (x - x0)/sigma is the
+# derivative dx/dsigma of the probability-flow ODE (their eq. 4 with sigma(t) = t).
+_GAUSS_LEGENDRE_3 = ((-math.sqrt(0.6), 5 / 9), (0.0, 8 / 9), (math.sqrt(0.6), 5 / 9))  # exact to degree 5
+
+
+def ode_derivative(sigma: float, *, prediction_type: str = "epsilon") -> StepCoeffs:
+    """The ODE derivative d = (x - x0)/sigma as the output, written in x and m (Karras et al. 2022, alg. 1).
+
+    epsilon: d = m; sample: d = (x - m)/sigma; v: d = sigma/(sigma^2 + 1) x + m/sqrt(sigma^2 + 1).
+    """
+    _check_prediction(prediction_type)
+    if not sigma > 0:
+        raise ValueError(f"the ODE derivative needs sigma > 0; got {sigma}")
+    if prediction_type == "epsilon":
+        return StepCoeffs(c_m=1.0)
+    if prediction_type == "sample":
+        return StepCoeffs(c_x=1.0 / sigma, c_m=-1.0 / sigma)
+    return StepCoeffs(c_x=sigma / (sigma**2 + 1), c_m=1.0 / math.sqrt(sigma**2 + 1))
+
+
+def heun(sigma: float, sigma_next: float, *, prediction_type: str = "epsilon", second_stage: bool = False,
+         clip_sample_range: float | None = None) -> StepCoeffs:
+    """One stage of Heun's second-order step from sigma to sigma_next (Karras et al. 2022, alg. 1).
+
+    First stage, at x: the Euler step x' = x + (sigma_next - sigma) d, d = (x - x0)/sigma.
+    Second stage, at x' with the model's output there: x_next = x + (sigma_next - sigma)(d + d')/2,
+    d' = (x' - x0')/sigma_next; history[0] must hold the first stage's x and history[1] its x0.
+    Both stages clip x0 to clip_sample_range when given.
+    """
+    _check_prediction(prediction_type)
+    clip = _clip(clip_sample_range)
+    if not second_stage:
+        return euler(sigma, sigma_next, prediction_type=prediction_type)._replace(clip=clip)
+    if not (sigma > 0 and sigma_next > 0):
+        raise ValueError(f"Heun's second stage needs sigma, sigma_next > 0; got {sigma}, {sigma_next}")
+    p_x, p_m = _ve_x0(sigma_next, prediction_type)
+    half = 0.5 * (sigma_next - sigma)  # dt/2
+    # x_next = x + dt/2 (x - x0)/sigma + dt/2 (x' - x0')/sigma_next, with x, x0 read from the history
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=half / sigma_next, c_x0=-half / sigma_next, c_h0=1 + half / sigma,
+                      c_h1=-half / sigma, clip=clip)
+
+
+def lms_weights(sigmas: Sequence[float], sigma_next: float) -> tuple[float, ...]:
+    """Linear multistep weights on a non-uniform grid in sigma (k-diffusion's ``sample_lms``).
+
+    c_j = integral from sigmas[0] to sigma_next of the Lagrange basis polynomial of node sigmas[j]
+    over the nodes ``sigmas`` (the current level first, then earlier ones); exact (Gauss-Legendre,
+    3 points) for up to 6 nodes.
+    """
+    nodes = [float(s) for s in sigmas]
+    if not 1 <= len(nodes) <= MAX_HISTORY + 1:
+        raise ValueError(f"lms_weights takes 1 to {MAX_HISTORY + 1} noise levels; got {len(nodes)}")
+    if len(set(nodes)) != len(nodes):
+        raise ValueError(f"lms_weights needs distinct noise levels; got {nodes}")
+    h = sigma_next - nodes[0]
+
+    def basis(j: int, tau: float) -> float:  # l_j(tau) = prod_{k != j} (tau - s_k)/(s_j - s_k)
+        return math.prod((tau - s) / (nodes[j] - s) for k, s in enumerate(nodes) if k != j)
+
+    taus = [(nodes[0] + 0.5 * h * (1 + u), w) for u, w in _GAUSS_LEGENDRE_3]
+    return tuple(0.5 * h * sum(w * basis(j, tau) for tau, w in taus) for j in range(len(nodes)))
+
+
+def linear_multistep(sigma: float, weights: Sequence[float], *, prediction_type: str = "epsilon") -> StepCoeffs:
+    """Linear multistep step x_next = x + sum_j weights[j] d_j (weights from :func:`lms_weights`).
+
+    d_0 is this call's derivative (x - x0)/sigma, formed from x and m; d_j for j >= 1 are earlier
+    derivatives in history[j-1], most recent first.
+    """
+    if not 1 <= len(weights) <= MAX_HISTORY + 1:
+        raise ValueError(f"linear_multistep takes 1 to {MAX_HISTORY + 1} weights; got {len(weights)}")
+    d = ode_derivative(sigma, prediction_type=prediction_type)
+    p_x, p_m = _ve_x0(sigma, prediction_type)
+    w0 = float(weights[0])
+    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=1 + w0 * d.c_x, c_m=w0 * d.c_m, **_history(weights[1:]))
+
+
 RULES: dict[str, Callable[..., StepCoeffs]] = {
     "ddpm": ddpm,
     "ddim": ddim,
     "euler": euler,
     "euler_ancestral": euler_ancestral,
+    "heun": heun,
+    "linear_multistep": linear_multistep,
+    "ode_derivative": ode_derivative,
     "dpmpp_2m": dpmpp_2m,
     "pndm": pndm,
+    "dpm_solver_multistep": dpm_solver_multistep,
+    "deis_multistep": deis_multistep,
 }
 
 

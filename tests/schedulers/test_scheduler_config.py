@@ -150,13 +150,20 @@ def test_save_replaces_the_file_and_keeps_others(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "scheduler_config.json"]
 
 
-def test_compatibles():
-    for cls in (DDPMScheduler, DDIMScheduler, PNDMScheduler):
-        others = {c.__name__ for c in (DDPMScheduler, DDIMScheduler, PNDMScheduler)} - {cls.__name__}
-        assert set(cls._compatibles) == others
-        assert set(cls().compatibles) == {DDPMScheduler, DDIMScheduler, PNDMScheduler}
-        assert issubclass(cls, SchedulerMixin)
-        assert getattr(fusediff, cls.__name__) is cls
+ALL_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                  "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                  "DPMSolverMultistepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler")
+
+
+@pytest.mark.parametrize("name", ALL_SCHEDULERS)
+def test_compatibles(name):
+    """Every scheduler reads every other one's config, as diffusers' KarrasDiffusionSchedulers do."""
+    cls = getattr(fusediff, name)
+    assert set(cls._compatibles) == set(ALL_SCHEDULERS) - {name}
+    assert {c.__name__ for c in cls().compatibles} == set(ALL_SCHEDULERS)
+    assert issubclass(cls, SchedulerMixin)
+    theirs = getattr(diffusers, name)
+    assert {c.__name__ for c in theirs().compatibles} >= set(ALL_SCHEDULERS), "diffusers lists fewer"
 
 
 def test_beta_tables_match_diffusers():

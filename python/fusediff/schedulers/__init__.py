@@ -1,7 +1,9 @@
 """Noise schedulers: turn a model's output at timestep t into the next sample of a run.
 
-DDPM (Ho et al. 2020), DDIM (Song et al. 2021) and PNDM (Liu et al. 2022) over one discrete
-noise schedule, each ``step`` a single fused op (:func:`fusediff.kernels.scheduler_step`).
+DDPM (Ho et al. 2020), DDIM (Song et al. 2021), PNDM (Liu et al. 2022), Euler, Euler ancestral
+and Heun (Karras et al. 2022), LMS, DPM-Solver++ (Lu et al. 2022), DEIS (Zhang & Chen 2023) and
+UniPC (Zhao et al. 2023) over one discrete noise schedule, each ``step`` one fused op
+(:func:`fusediff.kernels.scheduler_step`), two where dynamic thresholding or a derivative needs it.
 Configs, timesteps and seeded noise are those of diffusers' schedulers of the same names.
 """
 
@@ -9,7 +11,6 @@ from .scheduling_ddim import DDIMScheduler
 from .scheduling_ddpm import DDPMScheduler
 from .scheduling_pndm import PNDMScheduler
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
-
 from ..utils.lazy import lazy_exports
 
 # exported on first use (utils/lazy.py): name -> submodule

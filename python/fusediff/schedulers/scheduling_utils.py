@@ -35,8 +35,14 @@ from ..kernels.scheduler_step_coeffs import StepCoeffs
 from ..utils.outputs import BaseOutput
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
-# Schedulers over the same discrete alpha-bar table; each reads the others' configs.
-DISCRETE_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
+# Schedulers over the same discrete alpha-bar table; each reads the others' configs (diffusers'
+# KarrasDiffusionSchedulers, less the ones fusediff does not have).
+DISCRETE_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                       "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                       "DPMSolverMultistepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler")
+# Last alpha-bar of zero-terminal-SNR betas in the sigma-based schedulers: near 0, so sigma stays finite
+# (the value diffusers' Euler, DPM-Solver and UniPC schedulers use).
+ZERO_SNR_ALPHA_BAR = 2.0**-24
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 S = TypeVar("S", bound="SchedulerMixin")
@@ -162,8 +168,8 @@ def make_betas(owner: str, beta_schedule: str, num_train_timesteps: int, beta_st
         return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(n)
-    if beta_schedule == "laplace":
-        return betas_for_alpha_bar(n, alpha_transform_type="laplace")
+    if beta_schedule in ("laplace", "exp"):
+        return betas_for_alpha_bar(n, alpha_transform_type=beta_schedule)
     if beta_schedule == "sigmoid":  # GeoDiff (Xu et al. 2022)
         return torch.sigmoid(torch.linspace(-6, 6, n)) * (beta_end - beta_start) + beta_start
     raise NotImplementedError(f"beta_schedule {beta_schedule!r} has no definition")

@@ -6,9 +6,9 @@ arXiv:2206.00364, table 1). A sampler may step on other noise levels than the tr
 (Karras' rho schedule, an exponential one); the timestep it passes to the model is then the
 fractional t whose log-sigma interpolates the table's.
 
-All functions work in numpy, in the precision of their input (the float32 alpha-bar table gives
-float32 sigmas), as diffusers' schedulers compute their tables, so a sampler built on them picks
-the same sigmas and timesteps as diffusers' of the same name.
+The trained table is computed in torch and the rest in numpy, in the precision of the input (the
+float32 alpha-bar table gives float32 sigmas), as diffusers' schedulers compute them, so a sampler
+built on them picks the same sigmas and timesteps as diffusers' of the same name.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ import torch
 SIGMA_SCHEDULES = ("karras", "exponential")
 
 
-def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor | np.ndarray) -> np.ndarray:
-    """sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t) for every trained timestep (numpy, the table's dtype)."""
-    abar = np.asarray(alphas_cumprod.cpu() if isinstance(alphas_cumprod, torch.Tensor) else alphas_cumprod)
-    return ((1 - abar) / abar) ** 0.5
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t) for every trained timestep, in the table's dtype.
+
+    Computed in torch: numpy's float32 square root differs from torch's by an ulp at some t, and
+    diffusers computes this table in torch.
+    """
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:

@@ -1,0 +1,173 @@
+"""fusediff's DEISMultistepScheduler against diffusers' on whole runs, its configs, and its errors.
+
+Parity runs (multistep_parity.run_parity: every step's sample and eps history against diffusers'
+float32 run and its float64 twin) cover orders 1/2/3, lower_order_final on and off with few steps,
+Karras and exponential sigmas (whose last level repeats), the three prediction types and spacings,
+and thresholding (eps re-derived from the thresholded x0); float64 inputs are held to float64 accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+from schedulers.multistep_parity import assert_same_schedule, in_float64, run_parity, set_all, twins
+from schedulers.parity import FakeModel, raises_in_both, start_sample
+from support.tolerance import assert_within_ref_error
+
+from fusediff.schedulers.scheduling_deis_multistep import DEISMultistepScheduler
+from fusediff.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")]
+THEIRS = diffusers.DEISMultistepScheduler
+
+# name: (config, num_inference_steps)
+CASES = {
+    "order2-default": ({}, 10),
+    "order2-25-steps": ({}, 25),
+    "order1-leading-offset": (dict(solver_order=1, timestep_spacing="leading", steps_offset=1), 10),
+    "order3-lower_order_final": (dict(solver_order=3), 10),
+    "order3-no-lower_order_final": (dict(solver_order=3, lower_order_final=False), 6),
+    "order3-karras-scaled_linear": (dict(solver_order=3, use_karras_sigmas=True, beta_schedule="scaled_linear",
+                                         beta_start=0.00085, beta_end=0.012), 20),
+    "order3-karras-short": (dict(solver_order=3, use_karras_sigmas=True, lower_order_final=False), 5),
+    "order2-exponential-trailing-v": (dict(use_exponential_sigmas=True, timestep_spacing="trailing",
+                                           prediction_type="v_prediction"), 12),
+    "order3-cosine-sample": (dict(solver_order=3, beta_schedule="squaredcos_cap_v2", prediction_type="sample"), 10),
+    "order2-sample-threshold": (dict(prediction_type="sample", thresholding=True, sample_max_value=1.5), 10),
+    "order3-eps-threshold": (dict(solver_order=3, thresholding=True, sample_max_value=2.0, lower_order_final=False), 8),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parity_run(name):
+    config, n = CASES[name]
+    ours, (lo, exact) = DEISMultistepScheduler(**config), twins(THEIRS, **config)
+    set_all((ours, lo, exact), n)
+    assert_same_schedule(ours, lo)
+    run_parity(ours, (lo, exact), what=f"DEIS {name}")
+
+
+@pytest.mark.parametrize("name", ["order3-no-lower_order_final", "order3-karras-scaled_linear", "order3-eps-threshold"])
+def test_float64_inputs_to_float64_accuracy(name):
+    config, n = CASES[name]
+    ours, (lo, exact) = DEISMultistepScheduler(**config), twins(THEIRS, **config)
+    set_all((ours, lo, exact), n)
+    mine, _, ref = run_parity(ours, (lo, exact), FakeModel(dtype=torch.float64), x=start_sample(dtype=torch.float64),
+                              rtol=1e-10, atol=1e-10, cond=1e-13, slack=False, what=f"DEIS float64 {name}")
+    assert mine.dtype == torch.float64
+    print(f"{name}: float64 max |ours - diffusers float64| = {(mine - ref).abs().max().item():.2e}")
+
+
+def test_mid_schedule_start_with_begin_index():
+    ours, (lo, exact) = DEISMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
+    set_all((ours, lo, exact), 20)
+    for s in (ours, lo, exact):
+        s.set_begin_index(6)
+    x0, noise = start_sample(seed=1), start_sample(seed=2)
+    x = ours.add_noise(x0, noise, ours.timesteps[6:7])
+    torch.testing.assert_close(x, lo.add_noise(x0, noise, ours.timesteps[6:7]), rtol=1e-6, atol=1e-7)
+    run_parity(ours, (lo, exact), timesteps=ours.timesteps[6:], x=x, what="DEIS begin_index 6")
+
+
+def test_mixed_dtypes_promote_like_diffusers():
+    """A float16 model output on a float32 sample: float32 results (check() asserts the dtype)."""
+    ours, (lo, exact) = DEISMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
+    set_all((ours, lo, exact), 10)
+    run_parity(ours, (lo, exact), FakeModel(dtype=torch.float16), what="DEIS float16 model output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_diffusers_error(dtype):
+    """Half-precision samples: ours within twice diffusers' own error (+ the dtype's atol) of the float64 twin."""
+    ours, (lo, exact) = DEISMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
+    set_all((ours, lo, exact), 10)
+    x = start_sample().to(dtype)
+    for t in ours.timesteps:
+        m = FakeModel(dtype=dtype)(x, t)
+        mine, theirs = ours.step(m, t, x).prev_sample, lo.step(m, t, x).prev_sample
+        with in_float64(exact):
+            ref = exact.step(m.double(), t, x.double()).prev_sample
+        assert mine.dtype == dtype
+        assert_within_ref_error(mine, theirs, ref, f"{dtype} t={int(t)}")
+        x = mine
+
+
+# -- configs -----------------------------------------------------------------------------------
+def plain(config) -> dict:
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
+def test_signature_and_defaults_match_diffusers():
+    import inspect
+
+    def params(cls):
+        return [(p.name, p.default) for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    assert params(DEISMultistepScheduler) == params(THEIRS)
+    assert plain(DEISMultistepScheduler().config) == plain(THEIRS().config)
+
+
+def test_save_load_round_trip_both_ways(tmp_path):
+    config = dict(num_train_timesteps=500, solver_order=3, prediction_type="v_prediction", thresholding=True,
+                  use_karras_sigmas=True, lower_order_final=False, timestep_spacing="trailing",
+                  trained_betas=torch.linspace(1e-4, 0.03, 500).tolist())
+    ours = DEISMultistepScheduler(**config)
+    ours.save_pretrained(tmp_path / "a")
+    theirs = THEIRS.from_pretrained(tmp_path / "a")
+    assert plain(theirs.config) == plain(ours.config)
+    THEIRS(**config).save_pretrained(tmp_path / "b")
+    again = DEISMultistepScheduler.from_pretrained(tmp_path / "b")
+    assert plain(again.config) == plain(ours.config)
+    set_all((again, theirs), 12)
+    assert_same_schedule(again, theirs)
+
+
+@pytest.mark.parametrize("source", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                    "UniPCMultistepScheduler"])
+def test_from_config_of_other_schedulers_like_diffusers(source):
+    config = getattr(diffusers, source)(beta_schedule="scaled_linear", timestep_spacing="leading").config
+    ours, theirs = DEISMultistepScheduler.from_config(config), THEIRS.from_config(config)
+    keys = set(plain(DEISMultistepScheduler().config))
+    assert {k: v for k, v in plain(ours.config).items() if k in keys} == \
+        {k: v for k, v in plain(theirs.config).items() if k in keys}
+    assert ours.config.algorithm_type == "deis" and ours.config.solver_type == "logrho"
+    set_all((ours, theirs), 10)
+    assert_same_schedule(ours, theirs)
+
+
+def test_swap_with_fusediff_dpmsolver():
+    deis = DEISMultistepScheduler.from_config(DPMSolverMultistepScheduler(solver_type="heun").config)
+    assert deis.config.algorithm_type == "deis" and deis.config.solver_type == "logrho"
+    dpm = DPMSolverMultistepScheduler.from_config(deis.config)
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_type == "midpoint"
+
+
+# -- errors ------------------------------------------------------------------------------------
+both_raise = raises_in_both(DEISMultistepScheduler)
+
+
+def test_errors_shared_with_diffusers():
+    x = start_sample()
+    both_raise(ValueError, lambda c: c().step(x, 999, x))  # before set_timesteps
+    both_raise(NotImplementedError, lambda c: c(beta_schedule="sigmoid"))
+    both_raise(NotImplementedError, lambda c: c(algorithm_type="sde-dpmsolver++"))
+    both_raise(NotImplementedError, lambda c: c(solver_type="rk4"))
+    both_raise(ValueError, lambda c: c(use_karras_sigmas=True, use_exponential_sigmas=True))
+    both_raise(ValueError, lambda c: c(timestep_spacing="uniform").set_timesteps(10))
+
+
+def test_errors_where_diffusers_fails_silently_or_obscurely():
+    x = start_sample()
+    with pytest.raises(ValueError, match="solver_order"):
+        DEISMultistepScheduler(solver_order=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DEISMultistepScheduler(prediction_type="flow_prediction")
+    s = DEISMultistepScheduler()
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match="not in the schedule"):
+        s.step(x, 5, x)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        s.step(x.numpy(), s.timesteps[0], x)
