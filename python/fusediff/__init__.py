@@ -23,6 +23,7 @@ _EXPORTS = {
     "UNet2DOutput": "models",
     "UNet2DConditionModel": "models",
     "UNet2DConditionOutput": "models",
+    "Transformer2DModel": "models",
     "AutoencoderKL": "models",
     "VQModel": "models",
     "LDMBertModel": "models",

@@ -1,17 +1,26 @@
-"""Spatial self-attention block of the DDPM UNet: every pixel attends to every pixel.
+"""Multi-head attention of the UNets: spatial self-attention and the (cross-)attention of transformer blocks.
 
-The block of DDPM (Ho et al. 2020, Appendix B, after the non-local block of Wang et al. 2018,
-arXiv:1711.07971) with multi-head attention (Vaswani et al. 2017, arXiv:1706.03762, Sec. 3.2):
+Multi-head attention (Vaswani et al. 2017, arXiv:1706.03762, Sec. 3.2) of queries from x over
+keys and values from a context c, which is x itself (self-attention) or the encoder's hidden
+states (cross-attention, the text conditioning of latent diffusion: Rombach et al. 2022,
+arXiv:2112.10752, Sec. 3.3):
 
-    h       = GroupNorm(x)                                      (B, C, H, W), optional
-    q, k, v = h W_q, h W_k, h W_v over the S = H*W positions    (B, heads, S, D) each
+    h       = GroupNorm(x)                                      optional
+    q       = h W_q,  k = c W_k,  v = c W_v                     (B, heads, S, D), (B, heads, L, D)
     o       = softmax(q k^T / sqrt(D)) v                        fusediff.kernels.attention
-    out     = (o W_out + x) / rescale_output_factor             residual optional
+    out     = (o W_out [+ x]) / rescale_output_factor           residual optional
 
-It holds the subset of diffusers' ``Attention`` that UNet2DModel's blocks use, with the same
-parameter names (``group_norm``, ``to_q``, ``to_k``, ``to_v``, ``to_out.0``) so checkpoints
-load in both. The head count is ``channels // dim_head`` and the projections are
-``heads * dim_head`` wide, which is less than ``channels`` when ``dim_head`` does not divide it.
+x is either a (B, C, H, W) feature map, whose S = H*W positions attend to each other (the
+spatial block of DDPM, Ho et al. 2020, Appendix B, after the non-local block of Wang et al.
+2018, arXiv:1711.07971), or a (B, S, C) sequence, as inside a transformer block; c is
+(B, L, cross_attention_dim). It holds the subset of diffusers' ``Attention`` that fusediff's
+UNets and VAEs use, with the same parameter names (``group_norm``, ``to_q``, ``to_k``, ``to_v``,
+``to_out.0``) so checkpoints load in both. The head count is given; the projections are
+``heads * dim_head`` wide, which is less than C when the heads do not divide it.
+
+Precision: :func:`fusediff.kernels.attention` always forms q k^T and the softmax in float32,
+which is what diffusers' ``upcast_attention`` asks for, so that flag needs no extra work here.
+No attention mask, no added key/value projections, no q/k norms.
 
 Older checkpoints (written for diffusers' since-removed ``AttentionBlock``) name the projections
 ``query``, ``key``, ``value`` and ``proj_attn``; :func:`convert_legacy_attention_keys` renames them.
@@ -29,23 +38,29 @@ from .normalization import GroupNorm
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions of a (B, C, H, W) feature map.
+    """Multi-head attention of a (B, C, H, W) map or a (B, S, C) sequence over itself or a (B, L, C_ctx) context.
 
     Args:
-        channels: C, the input (and output) channel count.
+        channels: C, the input (and output) channel count (diffusers' ``query_dim``).
         heads: number of attention heads.
-        dim_head: D, the width of one head.
+        dim_head: D, the width of one head; C when None.
         norm_num_groups: GroupNorm groups applied to the input first, or None for no norm.
         eps: GroupNorm epsilon.
         rescale_output_factor: divides the output (after the residual).
         residual_connection: add the input to the output.
-        bias: whether the q, k, v projections have a bias (the output projection always has one).
+        bias: whether the q, k, v projections have a bias.
         dropout: dropout probability after the output projection.
+        cross_attention_dim: C_ctx, the width of the context the keys and values are projected
+            from; None for self-attention (C_ctx = C).
+        upcast_attention: diffusers' flag for q k^T and softmax in float32; the kernel always
+            computes them so (see the module docstring), so it is recorded only.
+        out_bias: whether the output projection has a bias.
     """
 
     def __init__(self, channels: int, heads: int = 1, dim_head: int | None = None, norm_num_groups: int | None = None,
                  eps: float = 1e-5, rescale_output_factor: float = 1.0, residual_connection: bool = True,
-                 bias: bool = True, dropout: float = 0.0) -> None:
+                 bias: bool = True, dropout: float = 0.0, cross_attention_dim: int | None = None,
+                 upcast_attention: bool = False, out_bias: bool = True) -> None:
         super().__init__()
         dim_head = channels if dim_head is None else dim_head
         if heads < 1 or dim_head < 1:
@@ -54,32 +69,59 @@ class Attention(nn.Module):
         self.channels, self.heads, self.dim_head = channels, heads, dim_head
         self.rescale_output_factor = rescale_output_factor
         self.residual_connection = residual_connection
+        self.is_cross_attention = cross_attention_dim is not None
+        self.cross_attention_dim = channels if cross_attention_dim is None else cross_attention_dim
+        self.upcast_attention = upcast_attention
         inner = heads * dim_head
         self.group_norm = None if norm_num_groups is None else GroupNorm(norm_num_groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, inner, bias=bias)
-        self.to_k = nn.Linear(channels, inner, bias=bias)
-        self.to_v = nn.Linear(channels, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, channels), nn.Dropout(dropout)])
+        self.to_k = nn.Linear(self.cross_attention_dim, inner, bias=bias)
+        self.to_v = nn.Linear(self.cross_attention_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, channels, bias=out_bias), nn.Dropout(dropout)])
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape  # (B, S, heads * D)
         return x.view(batch, seq, self.heads, self.dim_head).transpose(1, 2)  # (B, heads, S, D)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+    def _check_context(self, context: torch.Tensor, batch: int) -> None:
+        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != batch \
+                or context.shape[2] != self.cross_attention_dim:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"Attention: encoder_hidden_states must have shape ({batch}, L, "
+                             f"{self.cross_attention_dim}); got {got}")
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        # (B, C, H, W) or (B, S, C), context (B, L, C_ctx) or None -> the input's shape
         residual = hidden_states
-        batch, channels, height, width = hidden_states.shape
-        h = hidden_states if self.group_norm is None else self.group_norm(hidden_states)
-        h = h.reshape(batch, channels, height * width).transpose(1, 2)  # (B, S, C)
+        spatial = hidden_states.dim() == 4
+        if spatial:
+            batch, channels, height, width = hidden_states.shape
+            h = hidden_states if self.group_norm is None else self.group_norm(hidden_states)
+            h = h.reshape(batch, channels, height * width).transpose(1, 2)  # (B, S, C)
+        else:
+            h = hidden_states  # (B, S, C)
+            if self.group_norm is not None:
+                h = self.group_norm(h.transpose(1, 2)).transpose(1, 2)
+        batch, seq, _ = h.shape
+        if encoder_hidden_states is None:
+            if self.is_cross_attention and self.cross_attention_dim != self.channels:
+                raise ValueError("Attention: this cross-attention needs encoder_hidden_states of width "
+                                 f"{self.cross_attention_dim}")
+            context = h
+        else:
+            self._check_context(encoder_hidden_states, batch)
+            context = encoder_hidden_states  # (B, L, C_ctx)
         q = self._split_heads(self.to_q(h))  # (B, heads, S, D)
-        k = self._split_heads(self.to_k(h))
-        v = self._split_heads(self.to_v(h))
+        k = self._split_heads(self.to_k(context))  # (B, heads, L, D)
+        v = self._split_heads(self.to_v(context))
         o = kernels.attention(q, k, v)  # (B, heads, S, D), scale 1/sqrt(D)
-        o = o.transpose(1, 2).reshape(batch, height * width, self.heads * self.dim_head)  # (B, S, heads * D)
-        o = self.to_out[1](self.to_out[0](o))  # (B, S, C)
-        out = o.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
+        o = o.transpose(1, 2).reshape(batch, seq, self.heads * self.dim_head)  # (B, S, heads * D)
+        out = self.to_out[1](self.to_out[0](o))  # (B, S, C)
+        if spatial:
+            out = out.transpose(1, 2).reshape(residual.shape)  # (B, C, H, W)
         if self.residual_connection:
             out = out + residual
-        return out / self.rescale_output_factor
+        return out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out
 
 
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

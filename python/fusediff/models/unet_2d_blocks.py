@@ -11,12 +11,16 @@ arXiv:2105.05233, Sec. 3) available through the block types.
 Supported block types (diffusers' names; a ``UNetRes`` prefix is accepted and ignored):
 ``DownBlock2D``, ``AttnDownBlock2D``, ``ResnetDownsampleBlock2D``; ``UpBlock2D``,
 ``AttnUpBlock2D``, ``ResnetUpsampleBlock2D``; ``UNetMidBlock2D``. The Skip* blocks of NCSN++
-(FIR resampling), the cross-attention blocks and the K-diffusion blocks are not supported:
-asking for them raises ValueError. Module and parameter names match diffusers' (``resnets``,
-``attentions``, ``downsamplers``, ``upsamplers``).
+(FIR resampling) and the K-diffusion blocks are not supported: asking for them raises
+ValueError. The cross-attention blocks of the text-conditioned UNet reuse the private bases
+here (``make_attention`` builds their transformers; the extra keyword arguments of ``forward``
+reach them) and live in :mod:`fusediff.models.unet_2d_condition_blocks`. Module and parameter
+names match diffusers' (``resnets``, ``attentions``, ``downsamplers``, ``upsamplers``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -49,18 +53,42 @@ def _attention(channels: int, attention_head_dim: int | None, norm_groups: int |
                      residual_connection=True, bias=True)
 
 
-class _DownBlock(nn.Module):
-    """``num_layers`` x (resnet [+ attention]), then an optional conv or resnet downsampler."""
+MakeAttention = Callable[[int, int], nn.Module]  # (channels, layer index) -> the attention after that resnet
+
+
+def _layer_attention(make_attention: MakeAttention | None, channels: int, index: int,
+                     attention_head_dim: int | None, opts: dict) -> nn.Module:
+    """The attention after resnet ``index``: ``make_attention``'s, or the default spatial self-attention."""
+    if make_attention is not None:
+        return make_attention(channels, index)
+    return _attention(channels, attention_head_dim, opts["resnet_groups"], opts)
+
+
+class _Block(nn.Module):
+    """Base of the blocks: how the i-th attention runs, with the block's extra inputs (a hook for subclasses)."""
+
+    attentions: nn.ModuleList | None
+
+    def _attend(self, index: int, hidden_states: torch.Tensor, inputs: dict) -> torch.Tensor:
+        return self.attentions[index](hidden_states, **inputs)
+
+
+class _DownBlock(_Block):
+    """``num_layers`` x (resnet [+ attention]), then an optional conv or resnet downsampler.
+
+    ``make_attention`` builds the attentions (default: spatial self-attention); the keyword
+    arguments of ``forward`` beyond ``temb`` go to each attention.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, *,
                  attention: bool, attention_head_dim: int | None, downsample: str | None, downsample_padding: int,
-                 **opts) -> None:
+                 make_attention: MakeAttention | None = None, **opts) -> None:
         super().__init__()
         resnets, attentions = [], []
         for i in range(num_layers):  # created in diffusers' order, so a seeded init matches it
             resnets.append(_resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, opts))
             if attention:
-                attentions.append(_attention(out_channels, attention_head_dim, opts["resnet_groups"], opts))
+                attentions.append(_layer_attention(make_attention, out_channels, i, attention_head_dim, opts))
         self.attentions = nn.ModuleList(attentions) if attention else None  # before resnets: diffusers' key order
         self.resnets = nn.ModuleList(resnets)
         self.downsample_type = downsample
@@ -72,14 +100,14 @@ class _DownBlock(nn.Module):
             down = None
         self.downsamplers = nn.ModuleList([down]) if down is not None else None
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, **attention_inputs
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         # (B, C_in, H, W) -> (B, C_out, H/2, W/2) and the outputs kept for the skip connections
         output_states = ()
         for i, resnet in enumerate(self.resnets):
             hidden_states = resnet(hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states)
+                hidden_states = self._attend(i, hidden_states, attention_inputs)
             output_states += (hidden_states,)
         if self.downsamplers is not None:
             down = self.downsamplers[0]
@@ -132,12 +160,15 @@ class ResnetDownsampleBlock2D(_DownBlock):
                          skip_time_act=skip_time_act)
 
 
-class _UpBlock(nn.Module):
-    """``num_layers`` x (concat skip, resnet [+ attention]), then an optional conv or resnet upsampler."""
+class _UpBlock(_Block):
+    """``num_layers`` x (concat skip, resnet [+ attention]), then an optional conv or resnet upsampler.
+
+    ``make_attention`` and the extra keyword arguments of ``forward`` as in ``_DownBlock``.
+    """
 
     def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
                  num_layers: int, *, attention: bool, attention_head_dim: int | None, upsample: str | None,
-                 **opts) -> None:
+                 make_attention: MakeAttention | None = None, **opts) -> None:
         super().__init__()
         resnets, attentions = [], []
         for i in range(num_layers):  # created in diffusers' order, so a seeded init matches it
@@ -145,7 +176,7 @@ class _UpBlock(nn.Module):
             own_channels = prev_output_channel if i == 0 else out_channels
             resnets.append(_resnet(own_channels + skip_channels, out_channels, temb_channels, opts))
             if attention:
-                attentions.append(_attention(out_channels, attention_head_dim, opts["resnet_groups"], opts))
+                attentions.append(_layer_attention(make_attention, out_channels, i, attention_head_dim, opts))
         self.attentions = nn.ModuleList(attentions) if attention else None  # before resnets: diffusers' key order
         self.resnets = nn.ModuleList(resnets)
         self.upsample_type = upsample
@@ -158,14 +189,15 @@ class _UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([up]) if up is not None else None
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
-                temb: torch.Tensor | None = None, upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
-        # (B, C_prev, H, W) + kept outputs (last first) -> (B, C_out, 2H, 2W)
+                temb: torch.Tensor | None = None, upsample_size: tuple[int, int] | None = None,
+                **attention_inputs) -> torch.Tensor:
+        # (B, C_prev, H, W) + kept outputs (last first) -> (B, C_out, 2H, 2W), or upsample_size when given
         for i, resnet in enumerate(self.resnets):
             skip = res_hidden_states_tuple[-1 - i]
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
             hidden_states = resnet(hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states)
+                hidden_states = self._attend(i, hidden_states, attention_inputs)
         if self.upsamplers is not None:
             up = self.upsamplers[0]
             hidden_states = up(hidden_states, temb) if self.upsample_type == "resnet" else up(hidden_states,
@@ -216,7 +248,34 @@ class ResnetUpsampleBlock2D(_UpBlock):
                          output_scale_factor=output_scale_factor, skip_time_act=skip_time_act)
 
 
-class UNetMidBlock2D(nn.Module):
+class _MidBlock(_Block):
+    """Resnet, then ``num_layers`` x (``make_attention(in_channels, i)`` if given, resnet), at constant width.
+
+    The extra keyword arguments of ``forward`` go to each attention, as in ``_DownBlock``.
+    """
+
+    def __init__(self, in_channels: int, temb_channels: int | None, num_layers: int,
+                 make_attention: MakeAttention | None, opts: dict) -> None:
+        super().__init__()
+        resnets, attentions = [_resnet(in_channels, in_channels, temb_channels, opts)], []
+        for i in range(num_layers):  # created in diffusers' order, so a seeded init matches it
+            if make_attention is not None:
+                attentions.append(make_attention(in_channels, i))
+            resnets.append(_resnet(in_channels, in_channels, temb_channels, opts))
+        self.attentions = nn.ModuleList(attentions) if make_attention else None  # before resnets: diffusers' order
+        self.resnets = nn.ModuleList(resnets)
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
+                **attention_inputs) -> torch.Tensor:
+        hidden_states = self.resnets[0](hidden_states, temb)  # (B, C, H, W) throughout
+        for i, resnet in enumerate(self.resnets[1:]):
+            if self.attentions is not None:
+                hidden_states = self._attend(i, hidden_states, attention_inputs)
+            hidden_states = resnet(hidden_states, temb)
+        return hidden_states
+
+
+class UNetMidBlock2D(_MidBlock):
     """Resnet, then ``num_layers`` x (self-attention, resnet), at constant resolution and width.
 
     The attention's GroupNorm has ``attn_groups`` groups; when None, ``resnet_groups`` with the
@@ -227,38 +286,27 @@ class UNetMidBlock2D(nn.Module):
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
                  resnet_groups: int | None = 32, attn_groups: int | None = None, add_attention: bool = True,
                  attention_head_dim: int | None = 1, output_scale_factor: float = 1.0) -> None:
-        super().__init__()
         resnet_groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
         if attn_groups is None:
             attn_groups = resnet_groups if resnet_time_scale_shift == "default" else None
         opts = dict(resnet_eps=resnet_eps, resnet_groups=resnet_groups, dropout=dropout,
                     resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
                     output_scale_factor=output_scale_factor, skip_time_act=False)
+
+        def make_attention(channels: int, index: int) -> Attention:
+            return _attention(channels, attention_head_dim, attn_groups, opts)
+
+        super().__init__(in_channels, temb_channels, num_layers, make_attention if add_attention else None, opts)
         self.add_attention = add_attention
-        resnets, attentions = [_resnet(in_channels, in_channels, temb_channels, opts)], []
-        for _ in range(num_layers):  # created in diffusers' order, so a seeded init matches it
-            if add_attention:
-                attentions.append(_attention(in_channels, attention_head_dim, attn_groups, opts))
-            resnets.append(_resnet(in_channels, in_channels, temb_channels, opts))
-        self.attentions = nn.ModuleList(attentions) if add_attention else None  # before resnets: diffusers' key order
-        self.resnets = nn.ModuleList(resnets)
-
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = self.resnets[0](hidden_states, temb)  # (B, C, H, W) throughout
-        for i, resnet in enumerate(self.resnets[1:]):
-            if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states)
-            hidden_states = resnet(hidden_states, temb)
-        return hidden_states
 
 
-def _block_name(block_type: str, supported: tuple[str, ...], kind: str) -> str:
-    """``block_type`` without a ``UNetRes`` prefix, or ValueError if fusediff lacks it."""
+def _block_name(block_type: str, supported: tuple[str, ...], kind: str, model: str = "UNet2DModel") -> str:
+    """``block_type`` without a ``UNetRes`` prefix, or ValueError if fusediff's ``model`` lacks it."""
     if not isinstance(block_type, str):
         raise ValueError(f"{kind} block type must be a string; got {block_type!r}")
     name = block_type[len("UNetRes"):] if block_type.startswith("UNetRes") else block_type
     if name not in supported:
-        raise ValueError(f"{kind} block type {block_type!r} is not supported by fusediff's UNet2DModel "
+        raise ValueError(f"{kind} block type {block_type!r} is not supported by fusediff's {model} "
                          f"(supported: {', '.join(supported)})")
     return name
 
