@@ -3,11 +3,16 @@
     fusediff sample [--model DIR_OR_REPO] [--scheduler ddpm|ddim|pndm] [--steps N] [--batch N]
                     [--seed S] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
                     (--out GRID.png | --out-dir DIR)
+    fusediff sample --model DIR_OR_REPO --prompt TEXT [--negative-prompt TEXT] [--guidance S]
+                    [--height H --width W] [--scheduler NAME] [--steps N] [--batch N] ...
     fusediff info
 
-Without ``--model`` it samples the digits model shipped inside the package. The seed feeds a
-CPU generator, so a seed gives the same images on every device (up to arithmetic rounding).
-Bad arguments and missing models end with one line on stderr and exit status 2 or 1.
+Without ``--model`` it samples the digits model shipped inside the package. With ``--prompt`` it
+runs a text-to-image pipeline (Stable Diffusion, LDM; needs ``pip install "fusediff[text]"``);
+``--scheduler`` then takes any of TEXT_SCHEDULERS (default: the model's own), ``--batch`` is the
+number of images (default 1). The seed feeds a CPU generator, so a seed gives the same images on
+every device (up to arithmetic rounding). Bad arguments and missing models end with one line on
+stderr and exit status 2 or 1.
 """
 
 from __future__ import annotations
@@ -23,7 +28,22 @@ from pathlib import Path
 
 DIGITS_MODEL = Path(__file__).parent / "assets" / "digits"
 SCHEDULERS = ("ddpm", "ddim", "pndm")
+# --scheduler of text-to-image pipelines: name -> (fusediff class, config overrides)
+TEXT_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "pndm": 50}
+TEXT_ONLY_OPTIONS = ("negative_prompt", "guidance", "height", "width")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -54,10 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fusediff", description="fusediff: diffusion sampling with fused kernels")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("sample", help="sample images from a pipeline and write PNGs")
-    s.add_argument("--model", default=None, help="pipeline directory or Hub repo id (default: the shipped digits model)")
-    s.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (default: ddim)")
+    s.add_argument("--model", default=None,
+                   help="pipeline directory or Hub repo id (default: the shipped digits model)")
+    s.add_argument("--scheduler", choices=tuple(TEXT_SCHEDULERS), default=None, metavar="NAME",
+                   help=f"sampler: {', '.join(SCHEDULERS)} (default ddim); with --prompt also "
+                        f"{', '.join(n for n in TEXT_SCHEDULERS if n not in SCHEDULERS)} (default: the model's)")
     s.add_argument("--steps", type=_positive, default=None, help="inference steps (default: 1000 ddpm, 50 otherwise)")
-    s.add_argument("--batch", type=_positive, default=16, help="number of images (default: 16)")
+    s.add_argument("--batch", type=_positive, default=None, help="number of images (default: 16, 1 with --prompt)")
+    s.add_argument("--prompt", default=None, help="text to follow: runs a text-to-image model (SD, LDM)")
+    s.add_argument("--negative-prompt", default=None, help="text to steer away from (Stable Diffusion)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
+    s.add_argument("--height", type=_positive, default=None, help="image height in pixels, a multiple of 8")
+    s.add_argument("--width", type=_positive, default=None, help="image width in pixels, a multiple of 8")
     s.add_argument("--seed", type=int, default=0, help="seed of the CPU generator (default: 0)")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     s.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
@@ -72,15 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_pipeline(args: argparse.Namespace):
     import torch
 
-    from . import DDIMPipeline, DDPMPipeline, DDPMScheduler, DiffusionPipeline, PNDMPipeline
+    from . import DDIMPipeline, DDPMPipeline, DDPMScheduler, PNDMPipeline
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
     source = args.model if args.model is not None else DIGITS_MODEL
-    try:
-        loaded = DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, DTYPES[args.dtype]))
-    except (OSError, ValueError, TypeError, ImportError) as e:
-        raise CliError(f"cannot load model {str(source)!r}: {e}") from None
+    loaded = _from_pretrained(source, args)
+    if _is_text_pipeline(loaded):
+        raise CliError(f"{str(source)!r} holds a text-to-image {type(loaded).__name__}: pass --prompt")
     if not hasattr(loaded, "unet") or not hasattr(loaded, "scheduler"):
         raise CliError(f"{str(source)!r} holds a {type(loaded).__name__}, not a UNet + scheduler pipeline")
     pipeline_cls = {"ddpm": DDPMPipeline, "ddim": DDIMPipeline, "pndm": PNDMPipeline}[args.scheduler]
@@ -88,6 +115,107 @@ def _load_pipeline(args: argparse.Namespace):
     pipe = pipeline_cls(unet=loaded.unet, scheduler=scheduler).to(args.device)
     pipe.set_progress_bar_config(disable=args.quiet, desc=f"{args.scheduler} sampling")
     return pipe
+
+
+def _from_pretrained(source, args: argparse.Namespace):
+    import torch
+
+    from . import DiffusionPipeline
+
+    if args.quiet:
+        _quiet_transformers()
+    try:
+        return DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, DTYPES[args.dtype]))
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        raise CliError(f"cannot load model {str(source)!r}: {e}") from None
+
+
+def _is_text_pipeline(pipe) -> bool:
+    from .pipelines.pipeline_latent_diffusion import LDMTextToImagePipeline
+    from .pipelines.pipeline_stable_diffusion import StableDiffusionBase
+
+    return isinstance(pipe, (StableDiffusionBase, LDMTextToImagePipeline))
+
+
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """Options that only text-to-image sampling takes; a one-line error (status 2) otherwise."""
+    if args.prompt is not None:
+        for name in ("height", "width"):
+            value = getattr(args, name)
+            if value is not None and value % 8:
+                raise CliError(f"argument --{name}: expected a multiple of 8, got {value}", status=2)
+        return
+    given = [f"--{o.replace('_', '-')}" for o in TEXT_ONLY_OPTIONS if getattr(args, o) is not None]
+    if given:
+        raise CliError(f"{', '.join(given)} needs --prompt (a text-to-image model)", status=2)
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        raise CliError(f"argument --scheduler: invalid choice: {args.scheduler!r} without --prompt "
+                       f"(choose from {', '.join(SCHEDULERS)}; the others need a text-to-image model)", status=2)
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars from transformers (--quiet)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
+def _load_text_pipeline(args: argparse.Namespace):
+    """The model as a text-to-image pipeline on the chosen device, with the chosen scheduler."""
+    import torch
+
+    import fusediff
+
+    from .pipelines.pipeline_stable_diffusion import StableDiffusionPipeline
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
+    source = args.model if args.model is not None else DIGITS_MODEL
+    pipe = _from_pretrained(source, args)
+    if not _is_text_pipeline(pipe):
+        raise CliError(f"{str(source)!r} holds a {type(pipe).__name__}, which takes no prompt; drop --prompt")
+    if isinstance(pipe, fusediff.LDMTextToImagePipeline) and args.negative_prompt is not None:
+        raise CliError("--negative-prompt: LDM text-to-image takes no negative prompt")
+    if type(pipe) is not StableDiffusionPipeline and not isinstance(pipe, fusediff.LDMTextToImagePipeline):
+        # an img2img or inpainting directory: its components make a text-to-image pipeline
+        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+            raise CliError(f"{str(source)!r} is an inpainting model ({pipe.unet.config.in_channels}-channel UNet); "
+                           "text-to-image needs a plain Stable Diffusion model")
+        pipe = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
+    if args.scheduler is not None:
+        class_name, overrides = TEXT_SCHEDULERS[args.scheduler]
+        try:
+            scheduler_cls = getattr(fusediff, class_name)
+        except (AttributeError, ImportError) as e:
+            raise CliError(f"--scheduler {args.scheduler}: {class_name} is not available ({e})") from None
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+    pipe = pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=args.quiet, desc=f"{args.scheduler or 'sampling'}")
+    return pipe
+
+
+def _text_images(args: argparse.Namespace) -> list:
+    import torch
+
+    import fusediff
+
+    pipe = _load_text_pipeline(args)
+    steps = args.steps or DEFAULT_STEPS.get(args.scheduler, 50)
+    batch = args.batch or 1
+    call = dict(height=args.height, width=args.width, num_inference_steps=steps,
+                generator=torch.Generator("cpu").manual_seed(args.seed))
+    if args.guidance is not None:
+        call["guidance_scale"] = args.guidance
+    if isinstance(pipe, fusediff.LDMTextToImagePipeline):
+        call["prompt"] = [args.prompt] * batch
+    else:
+        call.update(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=batch)
+    try:
+        return pipe(**call).images
+    except ValueError as e:  # a size that is no multiple of 8, too many steps, ...
+        raise CliError(str(e)) from None
 
 
 def _save_png(image, path: Path) -> None:
@@ -123,13 +251,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise CliError(f"--out must name a .png file; got {str(args.out)!r}")
     if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
         raise CliError(f"--out-dir {str(args.out_dir)!r} exists and is not a directory")
-    pipe = _load_pipeline(args)
-    steps = args.steps or DEFAULT_STEPS[args.scheduler]
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    try:
-        images = pipe(batch_size=args.batch, num_inference_steps=steps, generator=generator).images
-    except ValueError as e:  # e.g. more steps than the scheduler was trained with
-        raise CliError(str(e)) from None
+    _check_text_arguments(args)
+    if args.prompt is not None:
+        images = _text_images(args)
+    else:
+        args.scheduler = args.scheduler or "ddim"
+        pipe = _load_pipeline(args)
+        steps = args.steps or DEFAULT_STEPS[args.scheduler]
+        generator = torch.Generator("cpu").manual_seed(args.seed)
+        try:
+            images = pipe(batch_size=args.batch or 16, num_inference_steps=steps, generator=generator).images
+        except ValueError as e:  # e.g. more steps than the scheduler was trained with
+            raise CliError(str(e)) from None
     if args.out is not None:
         _save_png(make_grid(images), args.out)
         print(f"wrote {len(images)} images as a grid to {args.out}")

@@ -5,9 +5,15 @@ A pipeline directory is diffusers' layout: ``model_index.json`` maps each compon
 writes ``"diffusers"`` as the library of its own models and schedulers (they carry diffusers'
 class names and file formats), so diffusers loads a directory fusediff saved, and fusediff
 reads ``"diffusers"`` or ``"fusediff"`` entries as its own class of that name. Components of
-``transformers`` (a CLIP text encoder, a tokenizer) load through that library. Component
-names must be identifiers, so a ``model_index.json`` never points outside its directory
-(DESIGN.md, decision 6); pickled weights are refused unless ``allow_pickle=True``.
+``transformers`` (a CLIP text encoder, a tokenizer) load through that library; without it,
+loading such a pipeline raises an ImportError naming the ``text`` extra. diffusers names classes
+defined in its pipeline modules by that module (``["latent_diffusion", "LDMBertModel"]``):
+fusediff reads those entries as its own class of that name, and writes them the same way. A
+pipeline lists in ``_unsupported_components`` the components it never uses (Stable Diffusion's
+safety checker): their entries load as None, with a warning. Assigning a component
+(``pipe.scheduler = ...``) updates its entry, as in diffusers. Component names must be
+identifiers, so a ``model_index.json`` never points outside its directory (DESIGN.md,
+decision 6); pickled weights are refused unless ``allow_pickle=True``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 # Libraries whose classes a model_index.json may name; importing any other is refused.
 _OWN_LIBRARIES = ("fusediff", "diffusers")
 _OTHER_LIBRARIES = ("transformers",)
+# diffusers pipeline modules that define components (model_index.json names them as the library)
+_PIPELINE_MODULES = ("stable_diffusion", "latent_diffusion")
+TEXT_EXTRA_HINT = 'pip install "fusediff[text]"'
 
 
 @dataclasses.dataclass
@@ -58,27 +67,33 @@ def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
 
 
 def _library_of(component: Any) -> tuple[str | None, str | None]:
+    """The ``[library, class]`` entry diffusers would write for ``component``."""
     if component is None:
         return None, None
-    top = type(component).__module__.split(".")[0]
-    library = "diffusers" if top in _OWN_LIBRARIES else top
-    return library, type(component).__name__
+    cls = type(component)
+    parts = cls.__module__.split(".")
+    if parts[0] == "diffusers" and len(parts) > 2 and parts[1] == "pipelines":  # e.g. diffusers' LDMBertModel
+        return parts[2], cls.__name__
+    if parts[0] in _OWN_LIBRARIES:
+        return getattr(cls, "_diffusers_library", "diffusers"), cls.__name__
+    return parts[0], cls.__name__
 
 
 def _resolve_class(library: str, class_name: str, component: str) -> type:
-    if library in _OWN_LIBRARIES:
+    if library in _OWN_LIBRARIES or library in _PIPELINE_MODULES:
         module = importlib.import_module("fusediff")
     elif library in _OTHER_LIBRARIES:
         try:
             module = importlib.import_module(library)
         except ImportError:
-            raise ImportError(f"component {component!r} needs the {library!r} package; install it") from None
+            hint = TEXT_EXTRA_HINT if library == "transformers" else f"pip install {library}"
+            raise ImportError(f"component {component!r} ({class_name}) needs the {library!r} package: {hint}") from None
     else:
         raise ValueError(f"component {component!r} names library {library!r}; fusediff loads components "
-                         f"from {', '.join(_OWN_LIBRARIES + _OTHER_LIBRARIES)} only")
+                         f"from {', '.join(_OWN_LIBRARIES + _PIPELINE_MODULES + _OTHER_LIBRARIES)} only")
     cls = getattr(module, class_name, None) if isinstance(class_name, str) else None
     if not isinstance(cls, type):
-        owner = "fusediff" if library in _OWN_LIBRARIES else library
+        owner = "fusediff" if library in _OWN_LIBRARIES + _PIPELINE_MODULES else library
         raise ValueError(f"component {component!r} names class {class_name!r}, which {owner} does not have")
     return cls
 
@@ -89,6 +104,8 @@ class DiffusionPipeline(ConfigMixin):
     config_name = "model_index.json"
     # Constructor arguments stored in model_index.json as plain values, not [library, class] pairs.
     _config_arguments: tuple[str, ...] = ()
+    # Components the pipeline never uses: a model_index.json entry naming one loads as None.
+    _unsupported_components: tuple[str, ...] = ()
 
     def register_modules(self, **components: Any) -> None:
         """Set each component as an attribute and record its ``[library, class]`` in the config."""
@@ -98,11 +115,18 @@ class DiffusionPipeline(ConfigMixin):
             setattr(self, name, component)
             self.register_to_config(**{name: list(_library_of(component))})
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning a registered component (``pipe.scheduler = ...``) also updates its model_index entry."""
+        config = self.__dict__.get("_internal_dict", {})
+        if name in self.__dict__ and name in config and name not in self._config_arguments:
+            self.register_to_config(**{name: list(_library_of(value))})
+        super().__setattr__(name, value)
+
     # -- components and devices ----------------------------------------------------------
     @property
     def components(self) -> dict[str, Any]:
         """The components by name, as the constructor takes them."""
-        names = [n for n in self._component_names() if n in self.config]
+        names = [n for n in self._component_names() if n in self.config and n not in self._config_arguments]
         return {n: getattr(self, n) for n in names}
 
     @classmethod
@@ -194,14 +218,17 @@ class DiffusionPipeline(ConfigMixin):
         called on a subclass, that subclass. Keyword arguments named like a component replace
         it (``scheduler=DDIMScheduler(...)``); others go to the constructor.
         """
-        ignore = None if allow_pickle else list(PICKLE_PATTERNS)
-        directory = resolve_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
-                                      local_files_only=local_files_only, token=token, ignore_patterns=ignore)
+        # From the Hub: model_index.json first, then only the folders of the components to load
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        directory = resolve_directory(pretrained_model_name_or_path, allow_patterns=[cls.config_name], **hub)
         index_path = directory / cls.config_name
         if not index_path.is_file():
             raise FileNotFoundError(f"{str(directory)!r} has no {cls.config_name}; is it a pipeline directory?")
         index = read_json(index_path)
         pipeline_cls = cls._pipeline_class(index)
+        directory = resolve_directory(pretrained_model_name_or_path, **hub,
+                                      allow_patterns=pipeline_cls._download_patterns(index, kwargs),
+                                      ignore_patterns=_ignored_files(allow_pickle, variant))
         expected = pipeline_cls._component_names()
         init: dict[str, Any] = {}
         for name, entry in index.items():
@@ -215,6 +242,11 @@ class DiffusionPipeline(ConfigMixin):
                 init[name] = kwargs.pop(name)
             elif name in pipeline_cls._config_arguments:  # a plain value, e.g. a flag
                 init[name] = entry
+            elif name in pipeline_cls._unsupported_components and isinstance(entry, (list, tuple)) \
+                    and entry and entry[0] is not None:
+                logger.warning("%s: component %r (%s) is not supported by fusediff and is loaded as None",
+                               directory, name, entry[-1])
+                init[name] = None
             elif isinstance(entry, (list, tuple)) and len(entry) == 2:
                 init[name] = _load_component(directory, name, entry, torch_dtype=torch_dtype, variant=variant,
                                              allow_pickle=allow_pickle)
@@ -232,6 +264,16 @@ class DiffusionPipeline(ConfigMixin):
         return pipeline_cls(**init)
 
     @classmethod
+    def _download_patterns(cls, index: dict[str, Any], passed: dict[str, Any]) -> list[str]:
+        """The files of a Hub repo that loading needs: model_index.json and the folders of the components
+        that load from it (not the ones passed in, null, plain values or unsupported)."""
+        folders = [name for name, entry in index.items()
+                   if name.isidentifier() and name not in passed and name not in cls._config_arguments
+                   and name not in cls._unsupported_components and isinstance(entry, (list, tuple))
+                   and len(entry) == 2 and entry[0] is not None]
+        return [cls.config_name, *(f"{name}/*" for name in folders)]
+
+    @classmethod
     def _pipeline_class(cls, index: dict[str, Any]) -> type[DiffusionPipeline]:
         if cls is not DiffusionPipeline:
             return cls
@@ -242,6 +284,18 @@ class DiffusionPipeline(ConfigMixin):
         if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
             raise ValueError(f"model_index.json names pipeline class {name!r}, which fusediff does not have")
         return pipeline_cls
+
+
+# Weights of other frameworks, never loaded
+_FOREIGN_WEIGHTS = ("*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb", "*.ot")
+# Weight variants Hub repos hold beside the default files (diffusion_pytorch_model.fp16.safetensors, ...)
+_VARIANTS = ("fp16", "bf16", "non_ema", "ema")
+
+
+def _ignored_files(allow_pickle: bool, variant: str | None) -> list[str]:
+    """Patterns of repo files not to download: pickles (unless allowed), other frameworks, other variants."""
+    pickles = [] if allow_pickle else list(PICKLE_PATTERNS)
+    return pickles + list(_FOREIGN_WEIGHTS) + [f"*.{v}.*" for v in _VARIANTS if v != variant]
 
 
 def _load_component(directory: Path, name: str, entry: list[Any], *, torch_dtype: torch.dtype | None,

@@ -1,0 +1,282 @@
+"""Stable Diffusion text-to-image (Rombach et al. 2022): latent diffusion conditioned on CLIP text embeddings.
+
+    c = CLIP(prompt), c0 = CLIP(negative prompt or "")            (B * n, 77, D)
+    z_T ~ N(0, I) * init_noise_sigma                              (B * n, 4, H / f, W / f)
+    eps = unet([z_t, z_t], t, [c0, c]); eps = eps0 + w (eps_c - eps0)   classifier-free guidance, w > 1
+    z_{t-1} = scheduler.step(eps, t, z_t)
+    image = vae.decode(z_0 / scaling_factor)
+
+:class:`StableDiffusionBase` holds what the text-to-image, img2img and inpainting pipelines share:
+the components, diffusers' scheduler-config fixes, prompt encoding, the denoising loop with its
+per-step callback, and decoding. The pipelines load any diffusers Stable Diffusion directory
+(``StableDiffusionImg2ImgPipeline.from_pretrained(text_to_image_dir)`` works) and draw their random
+numbers as diffusers' do, so a seeded CPU run gives diffusers' images (DESIGN.md, decision 5).
+
+Safety checker: fusediff has none. A directory that names one loads it as None with a warning
+(see ``DiffusionPipeline.from_pretrained``); a checker object passed to the constructor (e.g.
+diffusers' ``StableDiffusionSafetyChecker`` with its feature extractor) is run as diffusers runs it.
+Left out: LoRA, textual inversion, IP-Adapter, ``cross_attention_kwargs``, the deprecated
+``callback``/``callback_steps`` arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..utils.outputs import BaseOutput
+from ..utils.torch_utils import Generator
+from . import text_conditioning as tc
+from .pipeline_utils import DiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StableDiffusionPipelineOutput(BaseOutput):
+    """Images, and per image whether a safety checker flagged it (None when no checker ran)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
+
+
+def _fixed_scheduler(scheduler: Any, **wanted: Any) -> Any:
+    """The scheduler rebuilt with config values diffusers' Stable Diffusion pipelines force (old configs)."""
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        return scheduler
+    changes = {k: v for k, v in wanted.items() if k in config and config[k] != v}
+    if not changes:
+        return scheduler
+    logger.warning("%s config: using %s as diffusers' Stable Diffusion pipelines do (the stored config is outdated)",
+                   type(scheduler).__name__, ", ".join(f"{k}={v}" for k, v in changes.items()))
+    return type(scheduler).from_config(config, **changes)
+
+
+class StableDiffusionBase(DiffusionPipeline):
+    """Components and the shared machinery of the Stable Diffusion pipelines (not used directly)."""
+
+    _config_arguments = ("requires_safety_checker",)
+    # components fusediff does not implement: an entry naming one loads as None, with a warning
+    _unsupported_components = ("safety_checker", "feature_extractor", "image_encoder")
+    _callback_tensor_inputs: tuple[str, ...] = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    _scheduler_fixes: dict[str, Any] = {"steps_offset": 1, "clip_sample": False}
+
+    def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any,
+                 safety_checker: Any = None, feature_extractor: Any = None, image_encoder: Any = None,
+                 requires_safety_checker: bool = True) -> None:
+        super().__init__()
+        scheduler = _fixed_scheduler(scheduler, **self._scheduler_fixes)
+        if safety_checker is None and requires_safety_checker:
+            logger.warning("%s runs without a safety checker: generated images are not filtered. Abide by the "
+                           "model's license; pass requires_safety_checker=False to silence this.", type(self).__name__)
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError("a safety_checker needs its feature_extractor; pass both, or safety_checker=None")
+        if image_encoder is not None:
+            logger.warning("%s: image_encoder (IP-Adapter) is not supported by fusediff and is not used",
+                           type(self).__name__)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              safety_checker=safety_checker, feature_extractor=feature_extractor,
+                              image_encoder=image_encoder)
+        self.register_to_config(requires_safety_checker=bool(requires_safety_checker))
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self._guidance_scale = 1.0
+        self._num_timesteps = 0
+
+    # -- state readable from a callback, as in diffusers ------------------------------------
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Guidance runs for a scale above 1, unless the UNet was distilled with the scale as input."""
+        return self._guidance_scale > 1 and self.unet.config.get("time_cond_proj_dim") is None
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    # -- sizes and inputs --------------------------------------------------------------------
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the UNet's sample size."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def check_common(self, prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None,
+                     negative_prompt_embeds: torch.Tensor | None, num_images_per_prompt: int, output_type: str,
+                     callback_on_step_end_tensor_inputs: Sequence[str]) -> None:
+        tc.check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int; got {num_images_per_prompt!r}")
+        tc.check_output_type(output_type)
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
+                             f"{list(self._callback_tensor_inputs)}")
+
+    # -- prompts -----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[str] | None, device: torch.device, num_images_per_prompt: int,
+                      do_classifier_free_guidance: bool, negative_prompt: str | list[str] | None = None,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeddings, negative ones or None), each (B * num_images_per_prompt, S, D)."""
+        batch_size = tc.batch_size_of(prompt, prompt_embeds)
+        use_mask = bool(getattr(getattr(self.text_encoder, "config", None), "use_attention_mask", False))
+        max_length = self.tokenizer.model_max_length if self.tokenizer is not None else None
+        if prompt_embeds is None:
+            prompt_embeds = tc.encode_text(self.tokenizer, self.text_encoder, prompt, max_length, device,
+                                           use_attention_mask=use_mask, clip_skip=clip_skip)
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        prompt_embeds = tc.repeat_per_prompt(prompt_embeds.to(dtype=dtype, device=device), num_images_per_prompt)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            texts = tc.negative_texts(prompt, negative_prompt, batch_size)
+            negative_prompt_embeds = tc.encode_text(self.tokenizer, self.text_encoder, texts, prompt_embeds.shape[1],
+                                                    device, use_attention_mask=use_mask, warn_truncation=False)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = tc.repeat_per_prompt(negative_prompt_embeds.to(dtype=dtype, device=device),
+                                                          num_images_per_prompt)
+        return prompt_embeds, negative_prompt_embeds
+
+    def _conditioning(self, prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None,
+                      negative_prompt_embeds: torch.Tensor | None, num_images_per_prompt: int,
+                      clip_skip: int | None) -> dict[str, torch.Tensor | None]:
+        """The loop's tensors: prompt_embeds holds [negative; positive] when guidance is on."""
+        positive, negative = self.encode_prompt(prompt, self.device, num_images_per_prompt,
+                                                self.do_classifier_free_guidance, negative_prompt,
+                                                prompt_embeds, negative_prompt_embeds, clip_skip)
+        combined = torch.cat([negative, positive]) if self.do_classifier_free_guidance else positive
+        return {"prompt_embeds": combined, "negative_prompt_embeds": negative}
+
+    def _timestep_cond(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        dim = self.unet.config.get("time_cond_proj_dim")
+        if dim is None:
+            return None
+        w = torch.tensor(self._guidance_scale - 1).repeat(batch)
+        return tc.guidance_scale_embedding(w, dim).to(device=self.device, dtype=dtype)
+
+    # -- the denoising loop ------------------------------------------------------------------
+    def _denoise(self, state: dict[str, Any], timesteps: torch.Tensor, num_inference_steps: int,
+                 step_kwargs: dict[str, Any], guidance_rescale: float = 0.0,
+                 callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 model_input: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None = None,
+                 after_step: Callable[[int, dict[str, Any]], torch.Tensor] | None = None) -> torch.Tensor:
+        """Run the scheduler over ``timesteps`` from ``state["latents"]``; returns the final latents.
+
+        ``model_input`` extends the UNet input (inpainting's mask channels), ``after_step(i, state)``
+        returns replacement latents after each step (inpainting's blend). The callback gets
+        ``(pipeline, i, t, {name: tensor})`` and may return replacements for those tensors.
+        """
+        if hasattr(callback_on_step_end, "tensor_inputs"):  # diffusers' PipelineCallback objects
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        order = getattr(self.scheduler, "order", 1)
+        warmup = len(timesteps) - num_inference_steps * order
+        self._num_timesteps = len(timesteps)
+        timestep_cond = self._timestep_cond(state["latents"].shape[0], state["latents"].dtype)
+        with self.progress_bar(total=num_inference_steps) as bar:
+            for i, t in enumerate(timesteps):
+                latents = state["latents"]
+                x = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                x = self.scheduler.scale_model_input(x, t)
+                if model_input is not None:
+                    x = model_input(x, state)
+                extra = {"timestep_cond": timestep_cond} if timestep_cond is not None else {}
+                noise_pred = self.unet(x, t, encoder_hidden_states=state["prompt_embeds"], **extra).sample
+                if self.do_classifier_free_guidance:
+                    noise_pred, noise_text = tc.guide(noise_pred, self._guidance_scale)
+                    if guidance_rescale > 0:
+                        noise_pred = tc.rescale_guidance(noise_pred, noise_text, guidance_rescale)
+                state["latents"] = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+                if after_step is not None:
+                    state["latents"] = after_step(i, state)
+                if callback_on_step_end is not None:
+                    tensors = {k: state[k] for k in callback_on_step_end_tensor_inputs}
+                    for k, v in (callback_on_step_end(self, i, t, tensors) or {}).items():
+                        if k in self._callback_tensor_inputs:
+                            state[k] = v
+                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
+                    bar.update()
+        return state["latents"]
+
+    # -- decoding ----------------------------------------------------------------------------
+    def run_safety_checker(self, image: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list[bool] | None]:
+        if self.safety_checker is None:
+            return image, None
+        pil = tc.postprocess(image, "pil")
+        features = self.feature_extractor(pil, return_tensors="pt").to(self.device)
+        return self.safety_checker(images=image, clip_input=features.pixel_values.to(dtype))
+
+    def _finish(self, latents: torch.Tensor, output_type: str, dtype: torch.dtype,
+                return_dict: bool) -> StableDiffusionPipelineOutput | tuple:
+        nsfw = None
+        if output_type == "latent":
+            image = latents
+        else:
+            image = tc.decode_latents(self.vae, latents.to(self.vae.dtype))
+            image, nsfw = self.run_safety_checker(image, dtype)
+        flags = None if nsfw is None else [not flagged for flagged in nsfw]
+        images = tc.postprocess(image, output_type, do_denormalize=flags)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw) if return_dict \
+            else (images, nsfw)
+
+
+class StableDiffusionPipeline(StableDiffusionBase):
+    """Text-to-image generation with Stable Diffusion (v1/v2 layout: CLIP text encoder, UNet, KL VAE)."""
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, timesteps: Sequence[int] | None = None,
+                 sigmas: Sequence[float] | None = None, guidance_scale: float = 7.5,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+                 generator: Generator = None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, guidance_rescale: float = 0.0,
+                 clip_skip: int | None = None,
+                 callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 ) -> StableDiffusionPipelineOutput | tuple:
+        """Generate ``num_images_per_prompt`` images per prompt.
+
+        Args:
+            prompt, negative_prompt: text(s) to follow and to steer away from (str or list of str);
+                or pass ``prompt_embeds`` / ``negative_prompt_embeds`` directly.
+            height, width: image size in pixels, multiples of 8 (default: the UNet's sample size
+                times the VAE's down-sampling factor).
+            num_inference_steps, timesteps, sigmas: the schedule (custom timesteps or sigmas if the
+                scheduler takes them).
+            guidance_scale: classifier-free guidance weight w; guidance runs for w > 1.
+            eta: DDIM's noise weight (ignored by schedulers without one).
+            generator: one torch.Generator, or one per image; latents: x_T to start from.
+            output_type: "pil", "np", "pt" or "latent".
+            guidance_rescale: phi of Lin et al. 2024 (eq. 16); clip_skip: CLIP layers to skip.
+            callback_on_step_end: called as ``f(pipe, i, t, {name: tensor})`` after each step with
+                the tensors named in ``callback_on_step_end_tensor_inputs``; may return replacements.
+        """
+        height, width = tc.image_size(height, width, self.default_size(), max(8, self.vae_scale_factor))
+        self.check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+                          output_type, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        batch = tc.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
+        # 1. text embeddings: [c0; c] under guidance
+        state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                   num_images_per_prompt, clip_skip)
+        # 2. timesteps, then x_T (init_noise_sigma depends on the schedule)
+        timesteps, num_inference_steps = tc.retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
+                                                               timesteps, sigmas)
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        dtype = state["prompt_embeds"].dtype
+        state["latents"] = tc.prepare_latents(shape, dtype, self.device, generator, latents,
+                                              self.scheduler.init_noise_sigma)
+        # 3. denoise, 4. decode
+        latents = self._denoise(state, timesteps, num_inference_steps, tc.step_kwargs(self.scheduler, generator, eta),
+                                guidance_rescale, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return self._finish(latents, output_type, dtype, return_dict)

@@ -1,0 +1,82 @@
+"""Stable Diffusion image-to-image (SDEdit, Meng et al. 2022): noise an image's latents part-way, then denoise.
+
+    z_0 = scaling_factor * E(image)   (a posterior sample, drawn with the generator)
+    k = int(n * strength); the run keeps the last k of the n scheduled timesteps, t_1 > ... > t_k
+    z_{t_1} = scheduler.add_noise(z_0, N(0, I), t_1)
+    then the text-to-image loop from t_1 (classifier-free guidance, scheduler steps) and decoding.
+
+strength = 1 starts from (almost) pure noise, small strengths keep the input's layout. Random
+draws come in diffusers' order: the VAE posterior sample(s), then the noise, then the scheduler's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..utils.torch_utils import Generator, randn_tensor
+from . import text_conditioning as tc
+from .pipeline_stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
+    """Text-guided image-to-image generation with Stable Diffusion; loads any Stable Diffusion directory."""
+
+    def prepare_image_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch: int, dtype: torch.dtype,
+                              generator: Generator) -> torch.Tensor:
+        """z_{t_1} for ``batch`` images from the preprocessed ``image`` (or from latents of 4 channels)."""
+        image = image.to(device=self.device, dtype=dtype)
+        if image.shape[1] == self.vae.config.latent_channels:
+            init = image
+        else:
+            tc.check_generators(generator, batch)
+            if isinstance(generator, (list, tuple)):  # one posterior sample per output, each with its generator
+                image = tc.spread_batch(image, batch)
+            init = tc.encode_image(self.vae, image, generator)
+        init = tc.spread_batch(init, batch)
+        noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
+        return self.scheduler.add_noise(init, noise, timestep)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, image: Any = None, strength: float = 0.8,
+                 num_inference_steps: int = 50, timesteps: Sequence[int] | None = None,
+                 sigmas: Sequence[float] | None = None, guidance_scale: float = 7.5,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+                 generator: Generator = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True, clip_skip: int | None = None,
+                 callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 ) -> StableDiffusionPipelineOutput | tuple:
+        """Re-generate ``image`` (PIL, numpy in [0, 1], torch in [0, 1], or a list) following ``prompt``.
+
+        ``strength`` in [0, 1] is how much of the schedule runs (how far the image may change);
+        the output has the input's size floored to a multiple of the VAE factor. Other arguments
+        as :meth:`StableDiffusionPipeline.__call__`.
+        """
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1]; got {strength}")
+        if image is None:
+            raise ValueError("image-to-image needs an image")
+        self.check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+                          output_type, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        batch = tc.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
+        # 1. text embeddings, 2. the image in [-1, 1]
+        state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                   num_images_per_prompt, clip_skip)
+        pixels = tc.preprocess_image(image, multiple=self.vae_scale_factor,
+                                     latent_channels=self.vae.config.latent_channels)
+        # 3. the schedule's last int(n * strength) steps, 4. z_0 noised to the first of them
+        timesteps, num_inference_steps = tc.retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
+                                                               timesteps, sigmas)
+        timesteps, num_inference_steps = tc.strength_timesteps(self.scheduler, num_inference_steps, strength)
+        dtype = state["prompt_embeds"].dtype
+        state["latents"] = self.prepare_image_latents(pixels, timesteps[:1].repeat(batch), batch, dtype, generator)
+        # 5. denoise, 6. decode
+        latents = self._denoise(state, timesteps, num_inference_steps, tc.step_kwargs(self.scheduler, generator, eta),
+                                callback_on_step_end=callback_on_step_end,
+                                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        return self._finish(latents, output_type, dtype, return_dict)
