@@ -5,13 +5,14 @@ Rows (random weights, the same in both libraries, eval mode, no grad):
          latents, 77 text tokens of width 768: one denoising step;
   decode AutoencoderKL with SD's config: decode of a 64x64 latent to a 512x512 image, batch 1.
 Implementations: diffusers eager, fusediff eager (fused kernels), fusediff with the reference ops
-(FUSEDIFF_KERNELS=ref), and, with --compile, diffusers under torch.compile. Times are
-triton.testing.do_bench medians; TFLOP/s counts the model's matmul, conv and attention FLOPs
-with torch.utils.flop_counter, and the roofline fraction is against the measured bf16 matmul
-rate. max_rel_diff is the largest |fusediff - diffusers| over the largest |diffusers| (fp16
+(FUSEDIFF_KERNELS=ref), and, with --compile, diffusers under torch.compile. ms is the
+triton.testing.do_bench median of an eager call (host launch cost included where it exceeds the
+GPU time); graph_ms replays the same call from a CUDA graph (GPU time only). TFLOP/s counts the
+model's matmul, conv and attention FLOPs with torch.utils.flop_counter, and the roofline
+fraction is against the measured bf16 matmul rate. max_rel_diff is the largest |fusediff - diffusers| over the largest |diffusers| (fp16
 rounding differences, accumulated through the model).
 
-This is where issue 6's end-to-end work starts from; no layout, graph or compile work here.
+This is where issue 6's end-to-end work starts from: no layout or compile work in the models here.
 
 Usage: python bench/bench_sd_models.py [--out DIR] [--dtype fp16|bf16] [--compile]
 """
@@ -38,7 +39,7 @@ SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channe
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
               layers_per_block=2, sample_size=512)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-COLUMNS = ["model", "dtype", "impl", "ms", "tflops", "roofline", "speedup", "max_rel_diff"]
+COLUMNS = ["model", "dtype", "impl", "ms", "graph_ms", "tflops", "roofline", "speedup", "max_rel_diff"]
 
 
 def flops(fn) -> float:
@@ -96,13 +97,24 @@ def main() -> None:
                 base = base or ms
                 diff = (run(f).float() - expected).abs().max().item() / expected.abs().max().item()
                 rows.append(row(name, args.dtype, impl, ms, work, peak, base, f"{diff:.2e}"))
+                rows[-1]["graph_ms"] = graph_ms(lambda: run(f))
             with K.use_backend("ref"):
                 ms = harness.do_bench_ms(lambda: run(ours))
             rows.append(row(name, args.dtype, "fusediff ref ops", ms, work, peak, base, ""))
+            rows[-1]["graph_ms"] = ""
             print(f"{name}: {work / 1e12:.3f} TFLOP per call; bf16 matmul rate measured {peak:.0f} TFLOP/s")
             torch.cuda.empty_cache()
     harness.print_table(rows, COLUMNS)
     print("wrote", harness.append_rows("sd_models.csv", rows, args.out))
+
+
+def graph_ms(fn) -> float | str:
+    """Milliseconds per call replayed from a CUDA graph (device time, no host launch cost), or why not."""
+    try:
+        return round(harness.graph_rotating_ms(lambda: fn(), lambda: (), nbytes=1 << 40, min_calls=5, reps=5), 3)
+    except Exception as e:  # e.g. a host synchronisation inside the model
+        torch.cuda.synchronize()
+        return f"no graph: {type(e).__name__}"
 
 
 def row(model: str, dtype: str, impl: str, ms: float, work: float, peak: float, base: float, diff: str) -> dict:
