@@ -36,8 +36,8 @@ import torch
 
 from ..kernels import scheduler_step
 from ..kernels.scheduler_step_coeffs import StepCoeffs
-from .scheduling_utils import (SchedulerMixin, check_num_inference_steps, dynamic_threshold, like,
-                               ZERO_SNR_ALPHA_BAR, rescale_zero_terminal_snr, step_inputs)
+from .scheduling_utils import (ZERO_SNR_ALPHA_BAR, SchedulerMixin, StepIndexMixin, alpha_bar_tables,
+                               check_num_inference_steps, dynamic_threshold, like, step_inputs)
 from .sigmas import resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -85,7 +85,7 @@ def prediction_coeffs(alpha: float, sigma: float, prediction_type: str, predict_
                      f"got {prediction_type!r}")
 
 
-class MultistepScheduler(SchedulerMixin):
+class MultistepScheduler(StepIndexMixin, SchedulerMixin):
     """Base of the multistep solvers: tables, timesteps and sigmas, step index, conversion, fused update.
 
     A subclass's ``__init__`` (decorated with ``@register_to_config``) calls :meth:`_init_multistep`;
@@ -114,13 +114,8 @@ class MultistepScheduler(SchedulerMixin):
             raise ValueError(f"solver_order must be 1, 2 or 3; got {solver_order!r}")
         if betas.dim() != 1 or betas.numel() < 2:
             raise ValueError(f"betas must be a 1-D sequence of at least 2 values; got shape {tuple(betas.shape)}")
-        if rescale_betas_zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.betas = betas
-        self.alphas = 1.0 - betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+        self.betas, self.alphas, self.alphas_cumprod = alpha_bar_tables(betas, rescale_betas_zero_snr,
+                                                                        ZERO_SNR_ALPHA_BAR)
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
@@ -230,36 +225,6 @@ class MultistepScheduler(SchedulerMixin):
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
-
-    # -- step index ------------------------------------------------------------------------------
-    @property
-    def step_index(self) -> int | None:
-        """Index into ``timesteps`` of the next step; None until the first ``step`` of a run."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """Index of the first step of the run, when a pipeline set one with ``set_begin_index``."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the run at ``timesteps[begin_index]`` (img2img); call after ``set_timesteps``."""
-        n = len(self.timesteps)
-        if isinstance(begin_index, bool) or int(begin_index) != begin_index or not 0 <= begin_index < n:
-            raise ValueError(f"begin_index must be an integer in [0, {n}); got {begin_index!r}")
-        self._begin_index = int(begin_index)
-
-    def index_for_timestep(self, timestep: int | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Position of ``timestep`` in the schedule; the second of two equal ones (so that a run
-        started mid-schedule does not skip a sigma). Raises ValueError if it is not there."""
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(schedule.device)
-        found = (schedule == timestep).nonzero()
-        if len(found) == 0:
-            shown = timestep.tolist() if isinstance(timestep, torch.Tensor) else timestep
-            raise ValueError(f"timestep {shown} is not in the schedule {schedule.tolist()}")
-        return int(found[1 if len(found) > 1 else 0])
 
     def _begin_step(self, timestep: int | torch.Tensor) -> int:
         """Check that a run is set up, fix the step index on the first step, and return it."""

@@ -37,8 +37,8 @@ import torch
 
 from ..kernels import scheduler_step
 from ..kernels.scheduler_step_coeffs import PREDICTION_TYPES, StepCoeffs
-from .scheduling_utils import (TIMESTEP_SPACINGS, AlphaBarScheduler, SchedulerOutput, check_num_inference_steps,
-                               ZERO_SNR_ALPHA_BAR, like, spaced_timesteps, step_inputs)
+from .scheduling_utils import (TIMESTEP_SPACINGS, ZERO_SNR_ALPHA_BAR, AlphaBarScheduler, SchedulerOutput,
+                               StepIndexMixin, check_num_inference_steps, like, spaced_timesteps, step_inputs)
 from .sigmas import resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def sigma_schedule_of(use_karras_sigmas: bool | None, use_exponential_sigmas: bo
     return "exponential" if use_exponential_sigmas else None
 
 
-class SigmaScheduler(AlphaBarScheduler):
+class SigmaScheduler(StepIndexMixin, AlphaBarScheduler):
     """Base of the samplers that step noise levels sigma over a discrete alpha-bar table.
 
     A subclass builds its betas, calls :meth:`_init_sigma_tables` with its options, installs the
@@ -92,9 +92,7 @@ class SigmaScheduler(AlphaBarScheduler):
         _check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
         _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
         _check_choice("timestep_type", timestep_type, TIMESTEP_TYPES)
-        self._init_tables(betas, rescale_betas_zero_snr)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+        self._init_tables(betas, rescale_betas_zero_snr, ZERO_SNR_ALPHA_BAR)
         # sigma_t of the table, (T,) float32 ascending in t
         self._train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         self._sigma_schedule, self._interpolation = sigma_schedule, interpolation_type
@@ -202,34 +200,8 @@ class SigmaScheduler(AlphaBarScheduler):
         return (sigma_max**2 + 1) ** 0.5
 
     # -- the step index ----------------------------------------------------------------------
-    @property
-    def step_index(self) -> int | None:
-        """Index of the next step in the run; None until the first step (or scale_model_input)."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """Index the run starts at, when a pipeline set it (img2img); else None."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the run at index ``begin_index`` of the schedule (img2img: ``t_start * order``; a run with
-        no step left, e.g. Heun's 2n for 2n - 1 calls, is accepted and refuses ``step``)."""
-        if isinstance(begin_index, bool) or int(begin_index) != begin_index or begin_index < 0:
-            raise ValueError(f"begin_index must be a non-negative integer; got {begin_index!r}")
-        self._begin_index = int(begin_index)
-
-    def index_for_timestep(self, timestep: Timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Position of ``timestep`` in the schedule; the second one where it occurs twice (Heun's doubled
-        table, or a run entered mid-schedule), so that no sigma is skipped."""
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(schedule.device)
-        hits = (schedule == timestep).nonzero()
-        if len(hits) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not in the schedule ({len(schedule)} timesteps from "
-                             f"{float(schedule[0])} to {float(schedule[-1])}); pass one of scheduler.timesteps")
-        return int(hits[1 if len(hits) > 1 else 0])
+    def _begin_index_limit(self) -> int | None:
+        return None  # a run with no step left (Heun's 2n for 2n - 1 calls) is accepted; step refuses it
 
     def _init_step_index(self, timestep: Timestep | None) -> None:
         if self._begin_index is not None:

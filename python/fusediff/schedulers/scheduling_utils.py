@@ -101,6 +101,53 @@ class SchedulerMixin(ConfigMixin):
         return [c for c in found if isinstance(c, type)]
 
 
+class StepIndexMixin:
+    """Where a run stands, for schedulers that step through a table of noise levels (the sigma-based
+    and multistep ones): the index of the next step, and the index a pipeline starts at (img2img).
+
+    ``_begin_index_limit`` is the largest index ``set_begin_index`` accepts (None: no upper bound).
+    """
+
+    timesteps: torch.Tensor
+    _step_index: int | None
+    _begin_index: int | None
+
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next step; None until the first step of a run."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index the run starts at, when a pipeline set one with ``set_begin_index``; else None."""
+        return self._begin_index
+
+    def _begin_index_limit(self) -> int | None:
+        return len(self.timesteps) - 1
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the run at ``timesteps[begin_index]`` (img2img); call after ``set_timesteps``."""
+        limit = self._begin_index_limit()
+        if (isinstance(begin_index, bool) or int(begin_index) != begin_index or begin_index < 0
+                or (limit is not None and begin_index > limit)):
+            where = "a non-negative integer" if limit is None else f"an integer in [0, {limit}]"
+            raise ValueError(f"begin_index must be {where}; got {begin_index!r}")
+        self._begin_index = int(begin_index)
+
+    def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of ``timestep`` in the schedule; the second where it occurs twice (Heun's doubled
+        table, or a run entered mid-schedule), so that no noise level is skipped. Raises ValueError
+        if it is not there."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule.device)
+        hits = (schedule == timestep).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep {float(timestep)} is not in the schedule ({len(schedule)} timesteps from "
+                             f"{float(schedule[0])} to {float(schedule[-1])}); pass one of scheduler.timesteps")
+        return int(hits[1 if len(hits) > 1 else 0])
+
+
 # -- beta schedules ----------------------------------------------------------------------------
 def alpha_bar_cosine(t: float) -> float:
     """Cosine alpha-bar(t), t in [0, 1], offset s = 0.008 (Nichol & Dhariwal 2021, eq. 17)."""
@@ -291,6 +338,24 @@ def check_alpha_bar(alpha_prod_t: float, timestep: int, prediction_type: str) ->
             "an epsilon prediction; use prediction_type='v_prediction' (or 'sample') with rescale_betas_zero_snr")
 
 
+def alpha_bar_tables(betas: torch.Tensor, rescale_betas_zero_snr: bool = False,
+                     terminal_alpha_bar: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(betas, alphas, alphas_cumprod) in float32, alpha-bar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, eq. 4).
+
+    With ``rescale_betas_zero_snr`` the betas are rescaled to zero terminal SNR, and the last alpha-bar
+    is then set to ``terminal_alpha_bar`` when given (the sigma-based schedulers need it above 0).
+    """
+    if betas.dim() != 1 or betas.numel() == 0:
+        raise ValueError(f"betas must be a non-empty 1-D sequence; got shape {tuple(betas.shape)}")
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    if rescale_betas_zero_snr and terminal_alpha_bar is not None:
+        alphas_cumprod[-1] = terminal_alpha_bar
+    return betas, alphas, alphas_cumprod
+
+
 # -- the alpha-bar table shared by DDPM, DDIM and PNDM -----------------------------------------
 class AlphaBarScheduler(SchedulerMixin):
     """A scheduler over a discrete table alpha-bar_t, t = 0 .. num_train_timesteps - 1.
@@ -303,14 +368,10 @@ class AlphaBarScheduler(SchedulerMixin):
     order = 1
     init_noise_sigma = 1.0
 
-    def _init_tables(self, betas: torch.Tensor, rescale_betas_zero_snr: bool = False) -> None:
-        if betas.dim() != 1 or betas.numel() == 0:
-            raise ValueError(f"betas must be a non-empty 1-D sequence; got shape {tuple(betas.shape)}")
-        if rescale_betas_zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.betas = betas
-        self.alphas = 1.0 - betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+    def _init_tables(self, betas: torch.Tensor, rescale_betas_zero_snr: bool = False,
+                     terminal_alpha_bar: float | None = None) -> None:
+        self.betas, self.alphas, self.alphas_cumprod = alpha_bar_tables(betas, rescale_betas_zero_snr,
+                                                                        terminal_alpha_bar)
         self._abar_cache: tuple[Any, list[float]] = (None, [])
 
     def _alpha_bar(self, t: int, final: float) -> float:
