@@ -82,16 +82,47 @@ class GaussianFourierProjection(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP (N, in_channels) -> (N, time_embed_dim): ``linear_2(act(linear_1(x)))``."""
+    """MLP (N, in_channels) -> (N, time_embed_dim): ``linear_2(act(linear_1(x)))``.
 
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu") -> None:
+    With ``cond_proj_dim`` the input is first shifted by a projected condition,
+    ``x + cond_proj(c)``: the guidance embedding of latent consistency models (a UNet's
+    ``time_cond_proj_dim``). ``cond_proj`` is created after ``linear_1``, as diffusers creates it,
+    so seeded initialisations agree.
+    """
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu",
+                 cond_proj_dim: int | None = None) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
         self.act = get_activation(act_fn)
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:  # (N, in_channels) -> (N, time_embed_dim)
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        # (N, in_channels), condition (N, cond_proj_dim) -> (N, time_embed_dim)
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("a timestep condition was given, but this embedding has no cond_proj "
+                                 "(set time_cond_proj_dim)")
+            sample = sample + self.cond_proj(condition)
         return self.linear_2(self.act(self.linear_1(sample)))
+
+
+def class_embedding(class_embed_type: str | None, num_class_embeds: int | None, timestep_input_dim: int,
+                    time_embed_dim: int, act_fn: str = "silu") -> nn.Module | None:
+    """The class-label embedding of a UNet (diffusers' rule), or None for a model without one.
+
+    A table of ``num_class_embeds`` vectors when ``class_embed_type`` is None and that is set;
+    ``"timestep"``: labels embedded like timesteps, then their own MLP; ``"identity"``: labels
+    are already (B, time_embed_dim) embeddings.
+    """
+    if class_embed_type is None and num_class_embeds is not None:
+        return nn.Embedding(num_class_embeds, time_embed_dim)
+    if class_embed_type == "timestep":
+        return TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
+    if class_embed_type == "identity":
+        return nn.Identity()
+    return None
 
 
 def embed_timesteps(time_proj: Timesteps, mlp: TimestepEmbedding, timesteps: torch.Tensor,

@@ -35,7 +35,7 @@ from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
 from .activations import check_activation
 from .attention import convert_legacy_attention_keys
-from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, embed_timesteps
+from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, class_embedding, embed_timesteps
 from .normalization import GroupNorm
 from .resnet import TIME_EMBEDDING_NORMS
 from .unet_2d_blocks import DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, UNetMidBlock2D, get_down_block, \
@@ -128,14 +128,7 @@ class UNet2DModel(ModelMixin):
         self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
 
         # class labels: summed with the time embedding
-        if class_embed_type is None and num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
-        elif class_embed_type == "timestep":
-            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
-        elif class_embed_type == "identity":
-            self.class_embedding = nn.Identity()
-        else:
-            self.class_embedding = None
+        self.class_embedding = class_embedding(class_embed_type, num_class_embeds, timestep_input_dim, time_embed_dim)
 
         common = dict(temb_channels=time_embed_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
                       resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift, dropout=dropout)
@@ -187,11 +180,11 @@ class UNet2DModel(ModelMixin):
         """Class labels -> (B or 1, time_embed_dim), or None for a model without class conditioning."""
         if self.class_embedding is None:
             if class_labels is not None:
-                raise ValueError("class_labels were given, but this UNet2DModel has no class embedding "
-                                 "(set class_embed_type or num_class_embeds)")
+                raise ValueError(f"class_labels were given, but this {type(self).__name__} has no class "
+                                 "embedding (set class_embed_type or num_class_embeds)")
             return None
         if class_labels is None:
-            raise ValueError("this UNet2DModel is class-conditional: pass class_labels")
+            raise ValueError(f"this {type(self).__name__} is class-conditional: pass class_labels")
         if not isinstance(class_labels, torch.Tensor):
             raise TypeError(f"class_labels must be a torch.Tensor; got {type(class_labels).__name__}")
         kind = self.config.class_embed_type

@@ -42,7 +42,7 @@ from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
 from .activations import get_activation, is_silu
 from .attention import Attention
-from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, embed_timesteps
+from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, class_embedding, embed_timesteps
 from .normalization import GroupNorm
 from .transformer_2d import refuse_unsupported
 from .unet_2d import UNet2DModel
@@ -55,41 +55,6 @@ class UNet2DConditionOutput(BaseOutput):
     """Output of :class:`UNet2DConditionModel`: ``sample`` of shape (B, out_channels, H, W)."""
 
     sample: torch.Tensor
-
-
-class ConditionedTimestepEmbedding(TimestepEmbedding):
-    """TimestepEmbedding whose input may be shifted by a projected condition: ``linear_1(x + cond_proj(c))``.
-
-    The guidance-embedding input of latent consistency models (``time_cond_proj_dim``); without
-    ``cond_proj_dim`` it is the plain MLP.
-    """
-
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu",
-                 cond_proj_dim: int | None = None) -> None:
-        super().__init__(in_channels, time_embed_dim, act_fn)
-        self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
-
-    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        if condition is not None:
-            sample = sample + self.cond_proj(condition)  # (N, in_channels)
-        return super().forward(sample)
-
-
-def class_embedding(class_embed_type: str | None, num_class_embeds: int | None, timestep_input_dim: int,
-                    time_embed_dim: int, act_fn: str = "silu") -> nn.Module | None:
-    """The class-label embedding of a UNet (diffusers' rule), or None for a model without one.
-
-    A table of ``num_class_embeds`` vectors when ``class_embed_type`` is None and that is set;
-    ``"timestep"``: labels embedded like timesteps, then their own MLP; ``"identity"``: labels
-    are already (B, time_embed_dim) embeddings. :meth:`UNet2DModel._class_embedding` applies it.
-    """
-    if class_embed_type is None and num_class_embeds is not None:
-        return nn.Embedding(num_class_embeds, time_embed_dim)
-    if class_embed_type == "timestep":
-        return TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
-    if class_embed_type == "identity":
-        return nn.Identity()
-    return None
 
 
 class UNet2DConditionModel(ModelMixin):
@@ -184,7 +149,7 @@ class UNet2DConditionModel(ModelMixin):
             time_embed_dim = time_embedding_dim or 4 * channels[0]
             self.time_proj = Timesteps(channels[0], flip_sin_to_cos, freq_shift)
             timestep_input_dim = channels[0]
-        self.time_embedding = ConditionedTimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn,
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn,
                                                            cond_proj_dim=time_cond_proj_dim)
 
         self.class_embedding = class_embedding(class_embed_type, num_class_embeds, timestep_input_dim,
