@@ -148,13 +148,16 @@ class StableDiffusionBase(DiffusionPipeline):
 
     def _conditioning(self, prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None,
                       negative_prompt_embeds: torch.Tensor | None, num_images_per_prompt: int,
-                      clip_skip: int | None) -> dict[str, torch.Tensor | None]:
-        """The loop's tensors: prompt_embeds holds [negative; positive] when guidance is on."""
+                      clip_skip: int | None, guidance_scale: float) -> tuple[int, dict[str, torch.Tensor | None]]:
+        """The call's batch (prompts x images per prompt) and the loop's tensors: prompt_embeds holds
+        [negative; positive] when guidance is on (``guidance_scale`` > 1, recorded here)."""
+        self._guidance_scale = guidance_scale
+        batch = tc.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         positive, negative = self.encode_prompt(prompt, self.device, num_images_per_prompt,
                                                 self.do_classifier_free_guidance, negative_prompt,
                                                 prompt_embeds, negative_prompt_embeds, clip_skip)
         combined = torch.cat([negative, positive]) if self.do_classifier_free_guidance else positive
-        return {"prompt_embeds": combined, "negative_prompt_embeds": negative}
+        return batch, {"prompt_embeds": combined, "negative_prompt_embeds": negative}
 
     def _timestep_cond(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
         dim = self.unet.config.get("time_cond_proj_dim")
@@ -264,11 +267,9 @@ class StableDiffusionPipeline(StableDiffusionBase):
         height, width = tc.image_size(height, width, self.default_size(), max(8, self.vae_scale_factor))
         self.check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                           output_type, callback_on_step_end_tensor_inputs)
-        self._guidance_scale = guidance_scale
-        batch = tc.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         # 1. text embeddings: [c0; c] under guidance
-        state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                   num_images_per_prompt, clip_skip)
+        batch, state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          num_images_per_prompt, clip_skip, guidance_scale)
         # 2. timesteps, then x_T (init_noise_sigma depends on the schedule)
         timesteps, num_inference_steps = tc.retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
                                                                timesteps, sigmas)

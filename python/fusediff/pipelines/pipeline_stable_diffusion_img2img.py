@@ -62,11 +62,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
             raise ValueError("image-to-image needs an image")
         self.check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
                           output_type, callback_on_step_end_tensor_inputs)
-        self._guidance_scale = guidance_scale
-        batch = tc.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         # 1. text embeddings, 2. the image in [-1, 1]
-        state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                   num_images_per_prompt, clip_skip)
+        batch, state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          num_images_per_prompt, clip_skip, guidance_scale)
         pixels = tc.preprocess_image(image, multiple=self.vae_scale_factor,
                                      latent_channels=self.vae.config.latent_channels)
         # 3. the schedule's last int(n * strength) steps, 4. z_0 noised to the first of them

@@ -101,11 +101,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         if unet_channels not in (latent_channels, 2 * latent_channels + 1):
             raise ValueError(f"the UNet takes {unet_channels} channels; inpainting needs {latent_channels} "
                              f"(latents) or {2 * latent_channels + 1} (latents, mask, masked-image latents)")
-        self._guidance_scale = guidance_scale
-        batch = tc.batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         # 1. text embeddings, 2. the schedule (the last int(n * strength) steps)
-        state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                   num_images_per_prompt, clip_skip)
+        batch, state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          num_images_per_prompt, clip_skip, guidance_scale)
         timesteps, num_inference_steps = tc.retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
                                                                timesteps, sigmas)
         timesteps, num_inference_steps = tc.strength_timesteps(self.scheduler, num_inference_steps, strength)
