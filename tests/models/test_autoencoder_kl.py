@@ -10,7 +10,6 @@ tiles from the config and a 40x24 image spans several partial tiles.
 from __future__ import annotations
 
 import inspect
-import json
 
 import diffusers
 import pytest
@@ -19,9 +18,11 @@ import torch
 from fusediff.models import AutoencoderKL
 from fusediff.models.autoencoder_kl import AutoencoderKLOutput
 from fusediff.models.vae import DecoderOutput, DiagonalGaussianDistribution
+from support import parity
+from support.parity import (assert_close, assert_same_seeded_init, plain_config, run_both,
+                            save_with_legacy_attention_names, saved_and_loaded_by_diffusers,
+                            saved_by_diffusers_and_loaded)
 from support.spy import record_calls
-
-RTOL = 1e-5  # max |ours - diffusers| / max |diffusers|, fp32
 
 BASE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4, sample_size=16)
@@ -41,31 +42,13 @@ CONFIGS = {
 
 def build_pair(config: dict, seed: int = 0) -> tuple[torch.nn.Module, AutoencoderKL]:
     """diffusers' model from ``seed`` and fusediff's holding the same weights, both in eval mode."""
-    torch.manual_seed(seed)
-    theirs = diffusers.AutoencoderKL(**config).eval()
-    ours = AutoencoderKL(**config).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return theirs, ours
-
-
-def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str, rtol: float = RTOL) -> None:
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, (what, ours.shape, theirs.shape, ours.dtype)
-    diff = (ours - theirs).abs().max().item()
-    scale = max(theirs.abs().max().item(), 1e-6)
-    print(f"{what}: max |diff| {diff:.2e}, relative {diff / scale:.2e}")
-    assert torch.isfinite(ours).all(), what
-    assert diff <= rtol * scale, f"{what}: max |diff| {diff:.3e} > {rtol:g} x {scale:.3e}"
+    return parity.build_pair(AutoencoderKL, config, seed)
 
 
 def assert_same_posterior(ours: DiagonalGaussianDistribution, theirs, what: str) -> None:
     assert isinstance(ours, DiagonalGaussianDistribution)
     for field in ("mean", "logvar", "std", "var"):
         assert_close(getattr(ours, field), getattr(theirs, field), f"{what} {field}")
-
-
-def plain_config(config) -> dict:
-    """Config without bookkeeping keys, as JSON types (tuples become lists)."""
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -104,12 +87,7 @@ def test_sample_with_one_generator_per_element():
 
 def test_seeded_init_matches_diffusers():
     for config in (CONFIGS["three_levels_two_layers"], CONFIGS["no_quant_convs"]):
-        torch.manual_seed(3)
-        theirs = diffusers.AutoencoderKL(**config).state_dict()
-        torch.manual_seed(3)
-        ours = AutoencoderKL(**config).state_dict()
-        assert list(ours) == list(theirs)
-        assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+        assert_same_seeded_init(AutoencoderKL, config)
 
 
 def test_config_and_signatures_match_diffusers():
@@ -249,39 +227,22 @@ def test_bad_tile_attribute_raises_at_use():
 def test_save_fusediff_load_diffusers(tmp_path):
     config = dict(CONFIGS["no_quant_convs"], scaling_factor=0.3611, shift_factor=0.1159, force_upcast=False)
     _, ours = build_pair(config, seed=5)
-    ours.save_pretrained(tmp_path)
-    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path).eval()
-    assert plain_config(theirs.config) == plain_config(ours.config)
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert_close(ours(x).sample, theirs(x).sample, "fusediff save -> diffusers load")
+    theirs = saved_and_loaded_by_diffusers(ours, tmp_path)
+    assert_close(*run_both(theirs, ours, torch.randn(2, 3, 16, 16)), "fusediff save -> diffusers load")
 
 
 def test_save_diffusers_load_fusediff(tmp_path):
     torch.manual_seed(6)
     theirs = diffusers.AutoencoderKL(**dict(THREE, latents_mean=(0.0, 1.0, 2.0, 3.0),
                                             latents_std=(1.0, 1.0, 2.0, 2.0))).eval()
-    theirs.save_pretrained(tmp_path)
-    ours = AutoencoderKL.from_pretrained(tmp_path)
-    assert not ours.training and plain_config(ours.config) == plain_config(theirs.config)
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert_close(ours(x).sample, theirs(x).sample, "diffusers save -> fusediff load")
+    ours = saved_by_diffusers_and_loaded(theirs, tmp_path, AutoencoderKL)
+    assert_close(*run_both(theirs, ours, torch.randn(2, 3, 16, 16)), "diffusers save -> fusediff load")
 
 
 def test_legacy_attention_names_load(tmp_path):
-    from safetensors.torch import save_file
-
     _, ours = build_pair(BASE)
-    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    legacy = {}
-    for name, tensor in ours.state_dict().items():
-        for new, old in renames.items():
-            name = name.replace(f".{new}.", f".{old}.")
-        legacy[name] = tensor.contiguous()
+    legacy = save_with_legacy_attention_names(ours, tmp_path)
     assert "encoder.mid_block.attentions.0.query.weight" in legacy
-    ours.save_config(tmp_path)
-    save_file(legacy, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     loaded = AutoencoderKL.from_pretrained(tmp_path)
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():

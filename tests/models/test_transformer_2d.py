@@ -22,7 +22,8 @@ from fusediff.models import Transformer2DModel
 from fusediff.models.attention import Attention
 from fusediff.models.feed_forward import FeedForward
 from fusediff.models.transformer_2d import BasicTransformerBlock, Transformer2DModelOutput
-from models.test_unet_2d import _plain, assert_close
+from support import parity
+from support.parity import assert_close, assert_same_seeded_init, one_thread, plain_config  # noqa: F401  (autouse)
 from support.tolerance import assert_within_ref_error
 
 BASE = dict(num_attention_heads=3, attention_head_dim=8, in_channels=16, norm_num_groups=4, cross_attention_dim=12)
@@ -39,21 +40,8 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops run faster on one thread than on contended ones; restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_pair(config: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    theirs = diffusers.Transformer2DModel(**config).eval()
-    ours = Transformer2DModel(**config).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return theirs, ours
+    return parity.build_pair(Transformer2DModel, config, seed)
 
 
 def context_for(config: dict, batch: int = 2, length: int = 7) -> torch.Tensor | None:
@@ -74,12 +62,7 @@ def test_parity(name):
 
 def test_seeded_init_and_names_match_diffusers():
     for config in (CONFIGS["conv_proj"], CONFIGS["only_cross_attention"], CONFIGS["gelu_approximate_bias"]):
-        torch.manual_seed(3)
-        theirs = diffusers.Transformer2DModel(**config).state_dict()
-        torch.manual_seed(3)
-        ours = Transformer2DModel(**config).state_dict()
-        assert list(ours) == list(theirs)
-        assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+        assert_same_seeded_init(Transformer2DModel, config)
 
 
 def test_init_signature_and_config_match_diffusers():
@@ -88,7 +71,7 @@ def test_init_signature_and_config_match_diffusers():
 
     assert signature(Transformer2DModel) == signature(diffusers.Transformer2DModel)
     theirs, ours = build_pair(CONFIGS["linear_proj_upcast"])
-    assert _plain(ours.config) == _plain(theirs.config)
+    assert plain_config(ours.config) == plain_config(theirs.config)
 
 
 def test_checkpoints_load_both_ways(tmp_path):

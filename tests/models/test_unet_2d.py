@@ -8,15 +8,16 @@ the maximum difference is printed. Models are small (16x16, <= 64 channels) to s
 from __future__ import annotations
 
 import inspect
-import json
 
 import diffusers
 import pytest
 import torch
+from support import parity
+from support.parity import (assert_close, assert_same_seeded_init, plain_config, run_both,
+                            save_with_legacy_attention_names, saved_and_loaded_by_diffusers,
+                            saved_by_diffusers_and_loaded)
 
 from fusediff.models import UNet2DModel, UNet2DOutput, convert_legacy_attention_keys
-
-RTOL = 1e-5  # max |ours - diffusers| / max |diffusers|, fp32
 
 BASE = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -55,25 +56,7 @@ CLASS_CONFIGS = {
 
 def build_pair(config: dict, seed: int = 0) -> tuple[torch.nn.Module, UNet2DModel]:
     """diffusers' model from ``seed`` and fusediff's holding the same weights, both in eval mode."""
-    torch.manual_seed(seed)
-    theirs = diffusers.UNet2DModel(**config).eval()
-    ours = UNet2DModel(**config).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return theirs, ours
-
-
-def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, (ours.shape, theirs.shape, ours.dtype)
-    diff = (ours - theirs).abs().max().item()
-    scale = max(theirs.abs().max().item(), 1e-6)
-    print(f"{what}: max |diff| {diff:.2e}, relative {diff / scale:.2e}")
-    assert torch.isfinite(ours).all(), what
-    assert diff <= RTOL * scale, f"{what}: max |diff| {diff:.3e} > {RTOL:g} x {scale:.3e}"
-
-
-def run_both(theirs, ours, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        return ours(*args, **kwargs).sample, theirs(*args, **kwargs).sample
+    return parity.build_pair(UNet2DModel, config, seed)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -147,24 +130,14 @@ def test_return_types(ddpm_pair):
 
 def test_seeded_init_matches_diffusers():
     for config in (CONFIGS["ddpm"], CONFIGS["scale_shift_resnet_resample"], CLASS_CONFIGS["class_timestep_fourier"]):
-        torch.manual_seed(3)
-        theirs = diffusers.UNet2DModel(**config).state_dict()
-        torch.manual_seed(3)
-        ours = UNet2DModel(**config).state_dict()
-        assert list(ours) == list(theirs)
-        assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
-
-
-def _plain(config) -> dict:
-    """Config without bookkeeping keys, as JSON types (tuples become lists)."""
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+        assert_same_seeded_init(UNet2DModel, config)
 
 
 @pytest.mark.parametrize("name", ["ddpm", "learned_time", "uneven_heads_no_mid_attn"])
 def test_config_matches_diffusers(name):
     theirs, ours = build_pair(CONFIGS[name])
-    assert _plain(ours.config) == _plain(theirs.config)
-    assert _plain(UNet2DModel.from_config(theirs.config).config) == _plain(theirs.config)
+    assert plain_config(ours.config) == plain_config(theirs.config)
+    assert plain_config(UNet2DModel.from_config(theirs.config).config) == plain_config(theirs.config)
 
 
 def test_init_signature_matches_diffusers():
@@ -178,9 +151,7 @@ def test_init_signature_matches_diffusers():
 def test_save_fusediff_load_diffusers(tmp_path):
     config = CLASS_CONFIGS["class_table"]
     _, ours = build_pair(dict(config, resnet_time_scale_shift="scale_shift"), seed=5)
-    ours.save_pretrained(tmp_path)
-    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path).eval()
-    assert _plain(theirs.config) == _plain(ours.config)
+    theirs = saved_and_loaded_by_diffusers(ours, tmp_path)
     x, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 4])
     a, b = run_both(theirs, ours, x, torch.tensor([5, 900]), class_labels=labels)
     assert_close(a, b, "fusediff save -> diffusers load")
@@ -189,16 +160,13 @@ def test_save_fusediff_load_diffusers(tmp_path):
 def test_save_diffusers_load_fusediff(tmp_path):
     torch.manual_seed(6)
     theirs = diffusers.UNet2DModel(**CONFIGS["scale_shift_resnet_resample"]).eval()
-    theirs.save_pretrained(tmp_path)
-    ours = UNet2DModel.from_pretrained(tmp_path)
-    assert not ours.training
-    assert _plain(ours.config) == _plain(theirs.config)
+    ours = saved_by_diffusers_and_loaded(theirs, tmp_path, UNet2DModel)
     x = torch.randn(2, 3, 16, 16)
     a, b = run_both(theirs, ours, x, 250)
     assert_close(a, b, "diffusers save -> fusediff load")
     ours.save_pretrained(tmp_path / "again")  # and back: our own round trip keeps config and weights
     again = UNet2DModel.from_pretrained(tmp_path / "again")
-    assert _plain(again.config) == _plain(ours.config)
+    assert plain_config(again.config) == plain_config(ours.config)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
@@ -296,21 +264,12 @@ def test_learned_timestep_out_of_range_raises():
 
 def test_legacy_attention_names_load_through_from_pretrained(tmp_path):
     """A checkpoint with the old query/key/value/proj_attn names loads, renamed, with the same outputs."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(0)
     model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
-    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    legacy = {}
-    for name, tensor in model.state_dict().items():
-        for new, old in renames.items():
-            name = name.replace(f".{new}.", f".{old}.")
-        legacy[name] = tensor.contiguous()
+    legacy = save_with_legacy_attention_names(model, tmp_path)
     assert any(".query." in k for k in legacy)
-    model.save_config(tmp_path)
-    save_file(legacy, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     loaded = UNet2DModel.from_pretrained(tmp_path)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():

@@ -18,8 +18,9 @@ from diffusers.models.unets import unet_2d_blocks as d_blocks
 import fusediff.kernels
 from fusediff.models import Transformer2DModel, UNet2DConditionModel, UNet2DConditionOutput
 from fusediff.models.unet_2d_condition_blocks import get_down_block, get_mid_block, get_up_block
-from models.test_transformer_2d import one_thread  # noqa: F401  (autouse: this module runs on one thread too)
-from models.test_unet_2d import _plain, assert_close, run_both
+from support import parity
+from support.parity import (assert_close, assert_same_seeded_init, one_thread,  # noqa: F401  (one_thread: autouse)
+                            plain_config, run_both, saved_and_loaded_by_diffusers, saved_by_diffusers_and_loaded)
 
 CROSS = 24  # context width
 
@@ -67,11 +68,7 @@ CLASS_CONFIGS = {
 
 def build_pair(config: dict, seed: int = 0) -> tuple[torch.nn.Module, UNet2DConditionModel]:
     """diffusers' model from ``seed`` and fusediff's holding the same weights, both in eval mode."""
-    torch.manual_seed(seed)
-    theirs = diffusers.UNet2DConditionModel(**config).eval()
-    ours = UNet2DConditionModel(**config).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return theirs, ours
+    return parity.build_pair(UNet2DConditionModel, config, seed)
 
 
 def context(batch: int = 3, length: int = 5, width: int = CROSS) -> torch.Tensor:
@@ -149,12 +146,7 @@ def test_return_types(sd1_pair):
 
 def test_seeded_init_and_names_match_diffusers():
     for name in ("sd1", "sd2", "ldm_options", "per_block_lists"):
-        torch.manual_seed(3)
-        theirs = diffusers.UNet2DConditionModel(**CONFIGS[name]).state_dict()
-        torch.manual_seed(3)
-        ours = UNet2DConditionModel(**CONFIGS[name]).state_dict()
-        assert list(ours) == list(theirs), name
-        assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == [], name
+        assert_same_seeded_init(UNet2DConditionModel, CONFIGS[name], name)
 
 
 def test_init_signature_and_config_match_diffusers():
@@ -166,16 +158,14 @@ def test_init_signature_and_config_match_diffusers():
     assert signature(UNet2DConditionModel.forward) == signature(diffusers.UNet2DConditionModel.forward)
     for name in ("sd2", "nested_transformer_layers"):
         theirs, ours = build_pair(CONFIGS[name])
-        assert _plain(ours.config) == _plain(theirs.config)
-        assert _plain(UNet2DConditionModel.from_config(theirs.config).config) == _plain(theirs.config)
+        assert plain_config(ours.config) == plain_config(theirs.config)
+        assert plain_config(UNet2DConditionModel.from_config(theirs.config).config) == plain_config(theirs.config)
 
 
 def test_save_fusediff_load_diffusers(tmp_path):
     _, ours = build_pair(CLASS_CONFIGS["class_table"], seed=5)
-    ours.save_pretrained(tmp_path)
+    theirs = saved_and_loaded_by_diffusers(ours, tmp_path)
     assert (tmp_path / "config.json").is_file() and (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
-    theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).eval()
-    assert _plain(theirs.config) == _plain(ours.config)
     a, b = run_both(theirs, ours, torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), context(2),
                     class_labels=torch.tensor([1, 4]))
     assert_close(a, b, "fusediff save -> diffusers load")
@@ -184,9 +174,7 @@ def test_save_fusediff_load_diffusers(tmp_path):
 def test_save_diffusers_load_fusediff(tmp_path):
     torch.manual_seed(6)
     theirs = diffusers.UNet2DConditionModel(**CONFIGS["sd2"]).eval()
-    theirs.save_pretrained(tmp_path)
-    ours = UNet2DConditionModel.from_pretrained(tmp_path)
-    assert not ours.training and _plain(ours.config) == _plain(theirs.config)
+    ours = saved_by_diffusers_and_loaded(theirs, tmp_path, UNet2DConditionModel)
     a, b = run_both(theirs, ours, torch.randn(2, 4, 8, 8), 250, context(2))
     assert_close(a, b, "diffusers save -> fusediff load")
 

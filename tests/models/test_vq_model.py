@@ -19,7 +19,8 @@ from diffusers.models.autoencoders.vae import VectorQuantizer as TheirQuantizer
 from fusediff.models import VQModel
 from fusediff.models.vae import DecoderOutput
 from fusediff.models.vq_model import VectorQuantizer, VQEncoderOutput
-from models.test_autoencoder_kl import assert_close, plain_config  # the parity helpers (fp32, RTOL 1e-5)
+from support.parity import (assert_close, assert_same_seeded_init, plain_config, run_both,  # fp32, RTOL 1e-5
+                            saved_and_loaded_by_diffusers, saved_by_diffusers_and_loaded)
 
 BASE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, num_vq_embeddings=32)
@@ -139,13 +140,7 @@ def test_quantizer_flat_indices_and_loss_weighting():
 
 
 def test_seeded_init_matches_diffusers():
-    config = CONFIGS["embed_dim_differs_three_levels"]
-    torch.manual_seed(3)
-    theirs = diffusers.VQModel(**config).state_dict()
-    torch.manual_seed(3)
-    ours = VQModel(**config).state_dict()
-    assert list(ours) == list(theirs)
-    assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+    assert_same_seeded_init(VQModel, CONFIGS["embed_dim_differs_three_levels"])
 
 
 def test_config_and_signatures_match_diffusers():
@@ -161,22 +156,14 @@ def test_config_and_signatures_match_diffusers():
 
 def test_save_fusediff_load_diffusers(tmp_path):
     _, ours = build_pair(CONFIGS["embed_dim_differs_three_levels"], seed=4)
-    ours.save_pretrained(tmp_path)
-    theirs = diffusers.VQModel.from_pretrained(tmp_path).eval()
-    assert plain_config(theirs.config) == plain_config(ours.config)
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert_close(ours(x).sample, theirs(x).sample, "fusediff save -> diffusers load")
+    theirs = saved_and_loaded_by_diffusers(ours, tmp_path)
+    assert_close(*run_both(theirs, ours, torch.randn(2, 3, 16, 16)), "fusediff save -> diffusers load")
 
 
 def test_save_diffusers_load_fusediff(tmp_path):
     theirs, _ = build_pair(CONFIGS["no_mid_attention"], seed=5)
-    theirs.save_pretrained(tmp_path)
-    ours = VQModel.from_pretrained(tmp_path)
-    assert not ours.training and plain_config(ours.config) == plain_config(theirs.config)
-    x = torch.randn(2, 1, 16, 16)
-    with torch.no_grad():
-        assert_close(ours(x).sample, theirs(x).sample, "diffusers save -> fusediff load")
+    ours = saved_by_diffusers_and_loaded(theirs, tmp_path, VQModel)
+    assert_close(*run_both(theirs, ours, torch.randn(2, 1, 16, 16)), "diffusers save -> fusediff load")
 
 
 def test_straight_through_gradients_reach_the_encoder():

@@ -19,13 +19,17 @@ is held to twice it or to a few roundings of the terms it sums. The converted ou
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import types
 from unittest import mock
 
+import diffusers
+import pytest
 import torch
+from schedulers import parity
 from schedulers.parity import FakeModel, check, gen, start_sample, states
-
-from fusediff.kernels import scheduler_step_ref
+from support.tolerance import assert_within_ref_error
 
 RTOL, ATOL = 1e-6, 1e-6
 COND = 1e-6  # ~16 float32 unit roundoffs of the terms summed
@@ -37,6 +41,14 @@ def twins(cls, num_steps: int | None = None, **config):
     if num_steps is not None:
         set_all((lo, exact), num_steps)
     return lo, exact
+
+
+def prepare(ours_cls, config: dict, num_steps: int):
+    """(ours, (lo, exact)): fusediff's ``ours_cls`` and diffusers' class of the same name (:func:`twins`)
+    built from ``config``, ``num_steps`` set on all three."""
+    ours, theirs = ours_cls(**config), twins(getattr(diffusers, ours_cls.__name__), **config)
+    set_all((ours, *theirs), num_steps)
+    return ours, theirs
 
 
 def set_all(scheds, *args, **kwargs) -> None:
@@ -72,27 +84,11 @@ def in_float64(sched):
         yield
 
 
-@contextlib.contextmanager
 def term_sizes():
-    """Record, per element, the sizes of the terms our fused op sums: {"out": ..., "x0": ...} (float64),
-    the element-wise maximum over the calls of a step (thresholding makes several)."""
+    """parity.term_sizes, wrapping the fused op where the multistep schedulers call it."""
     import fusediff.schedulers.scheduling_multistep_utils as base
 
-    real = base.scheduler_step
-    sizes: dict[str, torch.Tensor | None] = {"out": None, "x0": None}
-
-    def recording(sample, model_output, coeffs, *, noise=None, history=(), **kwargs):
-        def a(t):
-            return None if t is None else t.double().abs()
-        c = [abs(float(v)) for v in coeffs][:11] + [0.0]
-        out, x0 = scheduler_step_ref(a(sample), a(model_output), c, noise=a(noise), history=[a(h) for h in history],
-                                     return_pred=True)
-        for key, value in (("out", out), ("x0", x0)):
-            sizes[key] = value if sizes[key] is None else torch.maximum(sizes[key], value)
-        return real(sample, model_output, coeffs, noise=noise, history=history, **kwargs)
-
-    with mock.patch.object(base, "scheduler_step", recording):
-        yield sizes
+    return parity.term_sizes(base)
 
 
 def run_parity(ours, theirs, model: FakeModel | None = None, timesteps=None, *, x=None, noise_seed=None,
@@ -134,3 +130,117 @@ def assert_same_schedule(ours, theirs) -> None:
     assert torch.equal(ours.timesteps, theirs.timesteps), (ours.timesteps.tolist(), theirs.timesteps.tolist())
     assert ours.sigmas.dtype == torch.float32
     assert torch.equal(ours.sigmas, theirs.sigmas.float()), (ours.sigmas - theirs.sigmas.float()).abs().max()
+
+
+def run_from_begin_index(ours, theirs, begin: int, what: str, run=run_parity) -> None:
+    """An img2img entry: ``set_begin_index(begin)`` on all three, x0 noised to that timestep (ours' add_noise
+    against diffusers'), then ``run`` (default :func:`run_parity`) over the rest of the schedule."""
+    lo, exact = theirs
+    for s in (ours, lo, exact):
+        s.set_begin_index(begin)
+    x0, noise = start_sample(seed=1), start_sample(seed=2)
+    t0 = ours.timesteps[begin:begin + 1]
+    x = ours.add_noise(x0, noise, t0)
+    torch.testing.assert_close(x, lo.add_noise(x0, noise, t0), rtol=1e-6, atol=1e-7)
+    run(ours, (lo, exact), timesteps=ours.timesteps[begin:], x=x, what=what)
+
+
+def run_float64(ours, theirs, what: str, run=run_parity, **kwargs) -> None:
+    """Float64 inputs held to float64 accuracy against diffusers' float64 twin (rtol = atol = 1e-10, cond 1e-13,
+    no slack for diffusers' own error) by ``run`` (default :func:`run_parity`, given ``kwargs``); prints the
+    largest difference of the last samples."""
+    mine, _, ref = run(ours, theirs, FakeModel(dtype=torch.float64), x=start_sample(dtype=torch.float64),
+                       rtol=1e-10, atol=1e-10, cond=1e-13, slack=False, what=what, **kwargs)
+    assert mine.dtype == torch.float64
+    print(f"{what}: float64 max |ours - diffusers float64| = {(mine - ref).abs().max().item():.2e}")
+
+
+def run_half(ours, theirs, dtype: torch.dtype, what: str = "", model=None) -> None:
+    """Half-precision samples: ours within twice diffusers' own error (+ the dtype's atol) of the float64 twin.
+
+    Each scheduler steps the same ``dtype`` sample (our previous output); ``model(x, t)`` gives the model
+    output (default: ``FakeModel(dtype=dtype)(x, t)``).
+    """
+    lo, exact = theirs
+    model = (lambda x, t: FakeModel(dtype=dtype)(x, t)) if model is None else model
+    x = start_sample().to(dtype)
+    for t in ours.timesteps:
+        m = model(x, t)
+        mine, low = ours.step(m, t, x).prev_sample, lo.step(m, t, x).prev_sample
+        with in_float64(exact):
+            ref = exact.step(m.double(), t, x.double()).prev_sample
+        assert mine.dtype == dtype
+        assert_within_ref_error(mine, low, ref, f"{what}{dtype} t={int(t)}")
+        x = mine
+
+
+# -- configs -----------------------------------------------------------------------------------
+def plain(config) -> dict:
+    """A config without bookkeeping keys, as JSON types."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
+def assert_signature_and_defaults_match(ours_cls, defaults_as_json: bool = False) -> None:
+    """Constructor arguments and defaults, and the default config, equal to diffusers' class of the same name.
+    ``defaults_as_json`` compares the defaults as JSON (a default () of ours equals diffusers' [])."""
+    theirs_cls = getattr(diffusers, ours_cls.__name__)
+
+    def params(cls):
+        return [(p.name, json.dumps(p.default) if defaults_as_json else p.default)
+                for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    assert params(ours_cls) == params(theirs_cls)
+    assert plain(ours_cls().config) == plain(theirs_cls().config)
+
+
+def assert_round_trip_both_ways(tmp_path, ours_cls, config: dict):
+    """Ours saved with ``config`` loads in diffusers, and diffusers' in ours, with equal configs and the same
+    12-step schedule. Returns (ours, diffusers' loaded, ours loaded) for further checks."""
+    theirs_cls = getattr(diffusers, ours_cls.__name__)
+    ours = ours_cls(**config)
+    ours.save_pretrained(tmp_path / "a")
+    theirs = theirs_cls.from_pretrained(tmp_path / "a")
+    assert plain(theirs.config) == plain(ours.config)
+    theirs_cls(**config).save_pretrained(tmp_path / "b")
+    again = ours_cls.from_pretrained(tmp_path / "b")
+    assert plain(again.config) == plain(ours.config)
+    set_all((again, theirs), 12)
+    assert_same_schedule(again, theirs)
+    return ours, theirs, again
+
+
+def assert_from_config_like_diffusers(ours_cls, config):
+    """``from_config(config)`` (another scheduler's) gives ours the config diffusers' gets, on our keys, and the
+    same 10-step schedule. Returns ours."""
+    theirs_cls = getattr(diffusers, ours_cls.__name__)
+    ours, theirs = ours_cls.from_config(config), theirs_cls.from_config(config)
+    keys = set(plain(ours_cls().config))
+    assert {k: v for k, v in plain(ours.config).items() if k in keys} == \
+        {k: v for k, v in plain(theirs.config).items() if k in keys}
+    set_all((ours, theirs), 10)
+    assert_same_schedule(ours, theirs)
+    return ours
+
+
+# -- errors ------------------------------------------------------------------------------------
+def assert_errors_shared_with_diffusers(both_raise) -> None:
+    """The errors every multistep scheduler raises as diffusers' does (``both_raise`` from parity.raises_in_both)."""
+    x = start_sample()
+    both_raise(ValueError, lambda c: c().step(x, 999, x))  # before set_timesteps
+    both_raise(NotImplementedError, lambda c: c(beta_schedule="sigmoid"))
+    both_raise(NotImplementedError, lambda c: c(solver_type="rk4"))
+    both_raise(ValueError, lambda c: c(use_karras_sigmas=True, use_exponential_sigmas=True))
+    both_raise(ValueError, lambda c: c(timestep_spacing="uniform").set_timesteps(10))
+
+
+def assert_step_errors(cls) -> None:
+    """A timestep not in the schedule, a model output of another shape, and a step after the last."""
+    x = start_sample()
+    with pytest.raises(ValueError, match="not in the schedule"):
+        parity.ready(cls).step(x, 998, x)
+    with pytest.raises(ValueError, match="shape"):
+        s = parity.ready(cls)
+        s.step(x[:1], s.timesteps[0], x)
+    with pytest.raises(ValueError, match="is over"):
+        s = parity.ready(cls, n=1)
+        s.step(x, s.timesteps[0], x)
+        s.step(x, s.timesteps[0], x)

@@ -127,17 +127,18 @@ def noise_drawn_in(dtype: torch.dtype):
 
 
 @contextlib.contextmanager
-def term_sizes():
+def term_sizes(*modules):
     """Record, per element, the sizes of the terms our fused op sums: {"out": ..., "x0": ...} (float64).
 
-    The fused op is wrapped where the schedulers call it; each call also runs the reference on
-    absolute values with absolute coefficients (no clip), and the element-wise maximum over the
-    calls of a step is kept.
+    The fused op is wrapped where the schedulers call it (``modules``; default: the DDPM/DDIM/PNDM
+    modules); each call also runs the reference on absolute values with absolute coefficients (no
+    clip), and the element-wise maximum over the calls of a step is kept (thresholding makes several).
     """
     import fusediff.schedulers.scheduling_pndm as pndm
     import fusediff.schedulers.scheduling_utils as utils
 
-    real = utils.scheduler_step
+    modules = modules or (utils, pndm)
+    real = modules[0].scheduler_step
     sizes: dict[str, torch.Tensor | None] = {"out": None, "x0": None}
 
     def recording(sample, model_output, coeffs, *, noise=None, history=(), **kwargs):
@@ -150,7 +151,9 @@ def term_sizes():
             sizes[key] = value if sizes[key] is None else torch.maximum(sizes[key], value)
         return real(sample, model_output, coeffs, noise=noise, history=history, **kwargs)
 
-    with mock.patch.object(utils, "scheduler_step", recording), mock.patch.object(pndm, "scheduler_step", recording):
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(mock.patch.object(module, "scheduler_step", recording))
         yield sizes
 
 
@@ -229,8 +232,8 @@ def raises_in_both(ours: type):
     return both_raise
 
 
-def ready(cls, **config):
-    """A scheduler of ``cls`` built from ``config`` with 10 inference steps set."""
+def ready(cls, n: int = 10, **config):
+    """A scheduler of ``cls`` built from ``config`` with ``n`` (default 10) inference steps set."""
     sched = cls(**config)
-    sched.set_timesteps(10)
+    sched.set_timesteps(n)
     return sched

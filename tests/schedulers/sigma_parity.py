@@ -29,6 +29,7 @@ import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as diffusers_euler_a
 import diffusers.schedulers.scheduling_euler_discrete as diffusers_euler
 import numpy as np
+import pytest
 import torch
 from schedulers import parity
 from schedulers.parity import ATOL, COND, RTOL, FakeModel, check, gen, start_sample, states
@@ -151,6 +152,14 @@ def run_sigma_parity(ours, theirs, model: FakeModel, *, step_kwargs=None, our_kw
     return outs
 
 
+def run_float64(ours_cls, config: dict, num_steps: int, what: str, tol: float, **kwargs):
+    """Float64 inputs (start_sample * 14) held to float64 accuracy against diffusers' float64 twin: rtol = atol =
+    ``tol``, cond 1e-14, no slack for diffusers' own error. ``kwargs`` go to run_sigma_parity; returns its result."""
+    ours, theirs = prepare(ours_cls, config, num_steps)
+    return run_sigma_parity(ours, theirs, FakeModel(dtype=torch.float64), x=start_sample(dtype=torch.float64) * 14,
+                            rtol=tol, atol=tol, cond=1e-14, slack=False, what=what, **kwargs)
+
+
 def run_img2img(ours_cls, config: dict, num_steps: int, strength: float, *, step_kwargs=None, noise_seed=None,
                 set_begin: bool = True, what: str = ""):
     """A run entered mid-schedule, as diffusers' img2img pipelines enter it: the first
@@ -237,3 +246,41 @@ def assert_signature_matches(ours_cls) -> None:
     assert float(ours.init_noise_sigma) == float(theirs.init_noise_sigma)
     same_tables(ours, theirs, f"{ours_cls.__name__} before set_timesteps")
 
+
+def assert_from_config_like_diffusers(ours_cls, source, num_steps: int, what: str, back_cls, all_keys: bool = False):
+    """``from_config(source.config)`` (another scheduler, diffusers') gives ours diffusers' config (on diffusers'
+    keys, or on all of ours with ``all_keys``) and tables after ``set_timesteps(num_steps)``. Returns ours and
+    ``back_cls.from_config(ours.config)``, the swap back."""
+    ours = ours_cls.from_config(source.config)
+    theirs = getattr(diffusers, ours_cls.__name__).from_config(source.config)
+    if all_keys:
+        assert plain(ours.config) == plain(theirs.config)
+    else:
+        assert {k: v for k, v in plain(ours.config).items() if k in theirs.config} == plain(theirs.config)
+    for s in (ours, theirs):
+        s.set_timesteps(num_steps)
+    same_tables(ours, theirs, what)
+    return ours, back_cls.from_config(ours.config)
+
+
+def assert_step_refusals(ours_cls, num_steps: int, off_schedule: float):
+    """A scheduler of ``ours_cls`` with ``num_steps`` set refuses a timestep not in its schedule, then runs to the
+    end and refuses a step after the last. Returns the scheduler."""
+    x = start_sample()
+    sched = ours_cls()
+    sched.set_timesteps(num_steps)
+    with pytest.raises(ValueError, match="not in the schedule"):
+        sched.step(x, off_schedule, x)
+    for t in sched.timesteps:
+        sched.step(x, t, x)
+    with pytest.raises(ValueError, match="has ended"):
+        sched.step(x, sched.timesteps[-1], x)
+    return sched
+
+
+def assert_unsupported_options_refused(ours_cls) -> None:
+    """Beta sigmas and flow prediction, which diffusers accepts, are refused by name."""
+    with pytest.raises(NotImplementedError, match="use_beta_sigmas"):
+        ours_cls(use_beta_sigmas=True)
+    with pytest.raises(ValueError, match="prediction_type"):
+        ours_cls(prediction_type="flow")

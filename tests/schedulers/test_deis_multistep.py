@@ -8,21 +8,20 @@ and thresholding (eps re-derived from the thresholded x0); float64 inputs are he
 
 from __future__ import annotations
 
-import json
-
 import diffusers
 import pytest
 import torch
-from schedulers.multistep_parity import assert_same_schedule, in_float64, run_parity, set_all, twins
+from schedulers.multistep_parity import (assert_errors_shared_with_diffusers, assert_from_config_like_diffusers,
+                                         assert_round_trip_both_ways, assert_same_schedule,
+                                         assert_signature_and_defaults_match, prepare, run_float64,
+                                         run_from_begin_index, run_half, run_parity)
 from schedulers.parity import FakeModel, raises_in_both, start_sample
-from support.tolerance import assert_within_ref_error
 
 from fusediff.schedulers.scheduling_deis_multistep import DEISMultistepScheduler
 from fusediff.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")]
-THEIRS = diffusers.DEISMultistepScheduler
 
 # name: (config, num_inference_steps)
 CASES = {
@@ -44,98 +43,52 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_parity_run(name):
-    config, n = CASES[name]
-    ours, (lo, exact) = DEISMultistepScheduler(**config), twins(THEIRS, **config)
-    set_all((ours, lo, exact), n)
-    assert_same_schedule(ours, lo)
-    run_parity(ours, (lo, exact), what=f"DEIS {name}")
+    ours, theirs = prepare(DEISMultistepScheduler, *CASES[name])
+    assert_same_schedule(ours, theirs[0])
+    run_parity(ours, theirs, what=f"DEIS {name}")
 
 
 @pytest.mark.parametrize("name", ["order3-no-lower_order_final", "order3-karras-scaled_linear", "order3-eps-threshold"])
 def test_float64_inputs_to_float64_accuracy(name):
-    config, n = CASES[name]
-    ours, (lo, exact) = DEISMultistepScheduler(**config), twins(THEIRS, **config)
-    set_all((ours, lo, exact), n)
-    mine, _, ref = run_parity(ours, (lo, exact), FakeModel(dtype=torch.float64), x=start_sample(dtype=torch.float64),
-                              rtol=1e-10, atol=1e-10, cond=1e-13, slack=False, what=f"DEIS float64 {name}")
-    assert mine.dtype == torch.float64
-    print(f"{name}: float64 max |ours - diffusers float64| = {(mine - ref).abs().max().item():.2e}")
+    ours, theirs = prepare(DEISMultistepScheduler, *CASES[name])
+    run_float64(ours, theirs, f"DEIS float64 {name}")
 
 
 def test_mid_schedule_start_with_begin_index():
-    ours, (lo, exact) = DEISMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
-    set_all((ours, lo, exact), 20)
-    for s in (ours, lo, exact):
-        s.set_begin_index(6)
-    x0, noise = start_sample(seed=1), start_sample(seed=2)
-    x = ours.add_noise(x0, noise, ours.timesteps[6:7])
-    torch.testing.assert_close(x, lo.add_noise(x0, noise, ours.timesteps[6:7]), rtol=1e-6, atol=1e-7)
-    run_parity(ours, (lo, exact), timesteps=ours.timesteps[6:], x=x, what="DEIS begin_index 6")
+    ours, theirs = prepare(DEISMultistepScheduler, dict(solver_order=3), 20)
+    run_from_begin_index(ours, theirs, 6, what="DEIS begin_index 6")
 
 
 def test_mixed_dtypes_promote_like_diffusers():
     """A float16 model output on a float32 sample: float32 results (check() asserts the dtype)."""
-    ours, (lo, exact) = DEISMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
-    set_all((ours, lo, exact), 10)
-    run_parity(ours, (lo, exact), FakeModel(dtype=torch.float16), what="DEIS float16 model output")
+    ours, theirs = prepare(DEISMultistepScheduler, dict(solver_order=3), 10)
+    run_parity(ours, theirs, FakeModel(dtype=torch.float16), what="DEIS float16 model output")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_diffusers_error(dtype):
     """Half-precision samples: ours within twice diffusers' own error (+ the dtype's atol) of the float64 twin."""
-    ours, (lo, exact) = DEISMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
-    set_all((ours, lo, exact), 10)
-    x = start_sample().to(dtype)
-    for t in ours.timesteps:
-        m = FakeModel(dtype=dtype)(x, t)
-        mine, theirs = ours.step(m, t, x).prev_sample, lo.step(m, t, x).prev_sample
-        with in_float64(exact):
-            ref = exact.step(m.double(), t, x.double()).prev_sample
-        assert mine.dtype == dtype
-        assert_within_ref_error(mine, theirs, ref, f"{dtype} t={int(t)}")
-        x = mine
+    run_half(*prepare(DEISMultistepScheduler, dict(solver_order=3), 10), dtype)
 
 
 # -- configs -----------------------------------------------------------------------------------
-def plain(config) -> dict:
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
-
-
 def test_signature_and_defaults_match_diffusers():
-    import inspect
-
-    def params(cls):
-        return [(p.name, p.default) for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
-    assert params(DEISMultistepScheduler) == params(THEIRS)
-    assert plain(DEISMultistepScheduler().config) == plain(THEIRS().config)
+    assert_signature_and_defaults_match(DEISMultistepScheduler)
 
 
 def test_save_load_round_trip_both_ways(tmp_path):
     config = dict(num_train_timesteps=500, solver_order=3, prediction_type="v_prediction", thresholding=True,
                   use_karras_sigmas=True, lower_order_final=False, timestep_spacing="trailing",
                   trained_betas=torch.linspace(1e-4, 0.03, 500).tolist())
-    ours = DEISMultistepScheduler(**config)
-    ours.save_pretrained(tmp_path / "a")
-    theirs = THEIRS.from_pretrained(tmp_path / "a")
-    assert plain(theirs.config) == plain(ours.config)
-    THEIRS(**config).save_pretrained(tmp_path / "b")
-    again = DEISMultistepScheduler.from_pretrained(tmp_path / "b")
-    assert plain(again.config) == plain(ours.config)
-    set_all((again, theirs), 12)
-    assert_same_schedule(again, theirs)
+    assert_round_trip_both_ways(tmp_path, DEISMultistepScheduler, config)
 
 
 @pytest.mark.parametrize("source", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
                                     "UniPCMultistepScheduler"])
 def test_from_config_of_other_schedulers_like_diffusers(source):
     config = getattr(diffusers, source)(beta_schedule="scaled_linear", timestep_spacing="leading").config
-    ours, theirs = DEISMultistepScheduler.from_config(config), THEIRS.from_config(config)
-    keys = set(plain(DEISMultistepScheduler().config))
-    assert {k: v for k, v in plain(ours.config).items() if k in keys} == \
-        {k: v for k, v in plain(theirs.config).items() if k in keys}
+    ours = assert_from_config_like_diffusers(DEISMultistepScheduler, config)
     assert ours.config.algorithm_type == "deis" and ours.config.solver_type == "logrho"
-    set_all((ours, theirs), 10)
-    assert_same_schedule(ours, theirs)
 
 
 def test_swap_with_fusediff_dpmsolver():
@@ -150,13 +103,8 @@ both_raise = raises_in_both(DEISMultistepScheduler)
 
 
 def test_errors_shared_with_diffusers():
-    x = start_sample()
-    both_raise(ValueError, lambda c: c().step(x, 999, x))  # before set_timesteps
-    both_raise(NotImplementedError, lambda c: c(beta_schedule="sigmoid"))
+    assert_errors_shared_with_diffusers(both_raise)
     both_raise(NotImplementedError, lambda c: c(algorithm_type="sde-dpmsolver++"))
-    both_raise(NotImplementedError, lambda c: c(solver_type="rk4"))
-    both_raise(ValueError, lambda c: c(use_karras_sigmas=True, use_exponential_sigmas=True))
-    both_raise(ValueError, lambda c: c(timestep_spacing="uniform").set_timesteps(10))
 
 
 def test_errors_where_diffusers_fails_silently_or_obscurely():

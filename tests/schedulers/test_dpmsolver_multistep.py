@@ -11,15 +11,16 @@ checked against diffusers plus that term.
 
 from __future__ import annotations
 
-import json
 import math
 
 import diffusers
 import pytest
 import torch
-from schedulers.multistep_parity import assert_same_schedule, in_float64, run_parity, set_all, twins
-from schedulers.parity import FakeModel, gen, raises_in_both, start_sample
-from support.tolerance import assert_within_ref_error
+from schedulers.multistep_parity import (assert_errors_shared_with_diffusers, assert_from_config_like_diffusers,
+                                         assert_round_trip_both_ways, assert_same_schedule,
+                                         assert_signature_and_defaults_match, assert_step_errors, in_float64,
+                                         prepare, run_float64, run_from_begin_index, run_half, run_parity, set_all)
+from schedulers.parity import FakeModel, gen, raises_in_both, ready, start_sample
 
 from fusediff.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from fusediff.schedulers.scheduling_utils import SchedulerOutput
@@ -67,8 +68,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_parity_run(name):
     config, n, seed = CASES[name]
-    ours, (lo, exact) = DPMSolverMultistepScheduler(**config), twins(THEIRS, **config)
-    set_all((ours, lo, exact), n)
+    ours, (lo, exact) = prepare(DPMSolverMultistepScheduler, config, n)
     assert_same_schedule(ours, lo)
     if len(set(ours.timesteps.tolist())) < n:  # repeated timesteps (cosine + karras): start at index 0
         for s in (ours, lo, exact):
@@ -77,22 +77,15 @@ def test_parity_run(name):
 
 
 def test_learned_variance_channels_are_dropped():
-    config = dict(variance_type="learned_range")
-    ours, (lo, exact) = DPMSolverMultistepScheduler(**config), twins(THEIRS, **config)
-    set_all((ours, lo, exact), 10)
-    run_parity(ours, (lo, exact), FakeModel(variance="learned_range"), what="DPM learned variance")
+    ours, theirs = prepare(DPMSolverMultistepScheduler, dict(variance_type="learned_range"), 10)
+    run_parity(ours, theirs, FakeModel(variance="learned_range"), what="DPM learned variance")
 
 
 @pytest.mark.parametrize("name", ["3M-v-trailing-zero_snr", "dpmsolver-2-heun-sample-threshold", "sde++-2M-midpoint"])
 def test_float64_inputs_to_float64_accuracy(name):
     config, n, seed = CASES[name]
-    ours, (lo, exact) = DPMSolverMultistepScheduler(**config), twins(THEIRS, **config)
-    set_all((ours, lo, exact), n)
-    mine, _, ref = run_parity(ours, (lo, exact), FakeModel(dtype=torch.float64), x=start_sample(dtype=torch.float64),
-                              noise_seed=seed, rtol=1e-10, atol=1e-10, cond=1e-13, slack=False,
-                              what=f"DPM float64 {name}")
-    assert mine.dtype == torch.float64
-    print(f"{name}: float64 max |ours - diffusers float64| = {(mine - ref).abs().max().item():.2e}")
+    ours, theirs = prepare(DPMSolverMultistepScheduler, config, n)
+    run_float64(ours, theirs, f"DPM float64 {name}", noise_seed=seed)
 
 
 def test_sde_third_order_is_diffusers_plus_its_missing_term():
@@ -138,21 +131,13 @@ def test_zero_length_last_step_is_finite():
 
 
 def test_mid_schedule_start_with_begin_index():
-    ours, (lo, exact) = DPMSolverMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
-    set_all((ours, lo, exact), 20)
-    for s in (ours, lo, exact):
-        s.set_begin_index(8)
-    x0, noise = start_sample(seed=1), start_sample(seed=2)
-    t0 = ours.timesteps[8:9]
-    x = ours.add_noise(x0, noise, t0)
-    torch.testing.assert_close(x, lo.add_noise(x0, noise, t0), rtol=1e-6, atol=1e-7)
-    run_parity(ours, (lo, exact), timesteps=ours.timesteps[8:], x=x, what="DPM begin_index 8")
+    ours, (lo, exact) = prepare(DPMSolverMultistepScheduler, dict(solver_order=3), 20)
+    run_from_begin_index(ours, (lo, exact), 8, what="DPM begin_index 8")
     assert ours.step_index == lo.step_index == 20
 
 
 def test_mid_schedule_start_by_timestep_and_add_noise():
-    ours, (lo, exact) = DPMSolverMultistepScheduler(), twins(THEIRS)
-    set_all((ours, lo, exact), 15)
+    ours, (lo, exact) = prepare(DPMSolverMultistepScheduler, {}, 15)
     t = ours.timesteps[[3, 3, 9]]
     x0, noise = start_sample(shape=(3, 2, 5, 4), seed=1), start_sample(shape=(3, 2, 5, 4), seed=2)
     torch.testing.assert_close(ours.add_noise(x0, noise, t), lo.add_noise(x0, noise, t), rtol=1e-6, atol=1e-7)
@@ -161,9 +146,8 @@ def test_mid_schedule_start_by_timestep_and_add_noise():
 
 def test_mixed_dtypes_promote_like_diffusers():
     """A float16 model output on a float32 sample: float32 results (check() asserts the dtype)."""
-    ours, (lo, exact) = DPMSolverMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
-    set_all((ours, lo, exact), 10)
-    run_parity(ours, (lo, exact), FakeModel(dtype=torch.float16), what="DPM float16 model output")
+    ours, theirs = prepare(DPMSolverMultistepScheduler, dict(solver_order=3), 10)
+    run_parity(ours, theirs, FakeModel(dtype=torch.float16), what="DPM float16 model output")
 
 
 def test_outputs_tuple_and_step_index():
@@ -180,31 +164,12 @@ def test_outputs_tuple_and_step_index():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_diffusers_error(dtype):
     """Half-precision samples: ours within twice diffusers' own error (+ the dtype's atol) of the float64 twin."""
-    ours, (lo, exact) = DPMSolverMultistepScheduler(solver_order=3), twins(THEIRS, solver_order=3)
-    set_all((ours, lo, exact), 10)
-    x = start_sample().to(dtype)
-    for t in ours.timesteps:
-        m = FakeModel(dtype=dtype)(x, t)
-        mine, theirs = ours.step(m, t, x).prev_sample, lo.step(m, t, x).prev_sample
-        with in_float64(exact):
-            ref = exact.step(m.double(), t, x.double()).prev_sample
-        assert mine.dtype == dtype
-        assert_within_ref_error(mine, theirs, ref, f"{dtype} t={int(t)}")
-        x = mine
+    run_half(*prepare(DPMSolverMultistepScheduler, dict(solver_order=3), 10), dtype)
 
 
 # -- configs -----------------------------------------------------------------------------------
-def plain(config) -> dict:
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
-
-
 def test_signature_and_defaults_match_diffusers():
-    import inspect
-
-    def params(cls):
-        return [(p.name, p.default) for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
-    assert params(DPMSolverMultistepScheduler) == params(THEIRS)
-    assert plain(DPMSolverMultistepScheduler().config) == plain(THEIRS().config)
+    assert_signature_and_defaults_match(DPMSolverMultistepScheduler)
     assert DPMSolverMultistepScheduler.order == THEIRS.order
 
 
@@ -216,15 +181,7 @@ NON_DEFAULT = dict(num_train_timesteps=500, beta_schedule="scaled_linear", solve
 
 
 def test_save_load_round_trip_both_ways(tmp_path):
-    ours = DPMSolverMultistepScheduler(**NON_DEFAULT)
-    ours.save_pretrained(tmp_path / "a")
-    theirs = THEIRS.from_pretrained(tmp_path / "a")
-    assert plain(theirs.config) == plain(ours.config)
-    THEIRS(**NON_DEFAULT).save_pretrained(tmp_path / "b")
-    again = DPMSolverMultistepScheduler.from_pretrained(tmp_path / "b")
-    assert plain(again.config) == plain(ours.config)
-    set_all((again, theirs), 12)
-    assert_same_schedule(again, theirs)
+    assert_round_trip_both_ways(tmp_path, DPMSolverMultistepScheduler, NON_DEFAULT)
     # the default lambda_min_clipped (-inf) survives JSON in both directions
     DPMSolverMultistepScheduler().save_pretrained(tmp_path / "c")
     assert THEIRS.from_pretrained(tmp_path / "c").config.lambda_min_clipped == -math.inf
@@ -236,12 +193,7 @@ def test_save_load_round_trip_both_ways(tmp_path):
                                     "UniPCMultistepScheduler"])
 def test_from_config_of_other_schedulers_like_diffusers(source):
     config = getattr(diffusers, source)(beta_schedule="scaled_linear", timestep_spacing="trailing").config
-    ours, theirs = DPMSolverMultistepScheduler.from_config(config), THEIRS.from_config(config)
-    keys = set(plain(DPMSolverMultistepScheduler().config))
-    assert {k: v for k, v in plain(ours.config).items() if k in keys} == \
-        {k: v for k, v in plain(theirs.config).items() if k in keys}
-    set_all((ours, theirs), 10)
-    assert_same_schedule(ours, theirs)
+    assert_from_config_like_diffusers(DPMSolverMultistepScheduler, config)
 
 
 def test_swap_back_to_ddim_in_both_libraries():
@@ -256,21 +208,11 @@ def test_swap_back_to_ddim_in_both_libraries():
 both_raise = raises_in_both(DPMSolverMultistepScheduler)
 
 
-def ready(cls, n=10, **config):
-    s = cls(**config)
-    s.set_timesteps(n)
-    return s
-
-
 def test_errors_shared_with_diffusers():
     x = start_sample()
-    both_raise(ValueError, lambda c: c().step(x, 999, x))  # before set_timesteps
-    both_raise(NotImplementedError, lambda c: c(beta_schedule="sigmoid"))
+    assert_errors_shared_with_diffusers(both_raise)
     both_raise(NotImplementedError, lambda c: c(algorithm_type="ddim"))
-    both_raise(NotImplementedError, lambda c: c(solver_type="rk4"))
     both_raise(ValueError, lambda c: c(algorithm_type="dpmsolver"))  # final sigma 0 with eps
-    both_raise(ValueError, lambda c: c(use_karras_sigmas=True, use_exponential_sigmas=True))
-    both_raise(ValueError, lambda c: c(timestep_spacing="uniform").set_timesteps(10))
     both_raise(ValueError, lambda c: c(final_sigmas_type="one").set_timesteps(10))
     both_raise(ValueError, lambda c: c().set_timesteps())
     both_raise(ValueError, lambda c: c().set_timesteps(10, timesteps=[999, 500, 1]))
@@ -280,30 +222,22 @@ def test_errors_shared_with_diffusers():
 
 def test_errors_where_diffusers_fails_silently_or_obscurely():
     x = start_sample()
+    assert_step_errors(DPMSolverMultistepScheduler)
     with pytest.raises(ValueError, match="solver_order"):
         DPMSolverMultistepScheduler(solver_order=4)
     with pytest.raises(NotImplementedError, match="third-order"):
         DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min")
     with pytest.raises(NotImplementedError, match="use_flow_sigmas"):
         DPMSolverMultistepScheduler(use_flow_sigmas=True)
-    with pytest.raises(ValueError, match="not in the schedule"):
-        ready(DPMSolverMultistepScheduler).step(x, 998, x)
     with pytest.raises(ValueError, match="exceeds"):
         DPMSolverMultistepScheduler().set_timesteps(1001)
     with pytest.raises(ValueError, match="descending"):
         DPMSolverMultistepScheduler().set_timesteps(timesteps=[1, 500])
     with pytest.raises(ValueError, match="begin_index"):
         ready(DPMSolverMultistepScheduler).set_begin_index(10)
-    with pytest.raises(ValueError, match="shape"):
-        s = ready(DPMSolverMultistepScheduler)
-        s.step(x[:1], s.timesteps[0], x)
     with pytest.raises(ValueError, match="2 x 3 channels"):
         s = ready(DPMSolverMultistepScheduler, variance_type="learned")
         s.step(x, s.timesteps[0], x)
     with pytest.raises(ValueError, match="generator or variance_noise"):
         s = ready(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++")
         s.step(x, s.timesteps[0], x, generator=gen(0), variance_noise=x)
-    with pytest.raises(ValueError, match="is over"):
-        s = ready(DPMSolverMultistepScheduler, n=1)
-        s.step(x, s.timesteps[0], x)
-        s.step(x, s.timesteps[0], x)

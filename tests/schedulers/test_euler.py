@@ -16,9 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support.tolerance import assert_within_ref_error
 from schedulers.parity import FakeModel, gen, raises_in_both, start_sample
-from schedulers.sigma_parity import (assert_configs_interchange, assert_signature_matches, count_fused_calls,
-                                     float64_upcast, plain, prepare, run_half, run_img2img, run_sigma_parity,
-                                     same_tables)
+from schedulers.sigma_parity import (assert_configs_interchange, assert_from_config_like_diffusers,
+                                     assert_signature_matches, assert_step_refusals, assert_unsupported_options_refused,
+                                     count_fused_calls, float64_upcast, prepare, run_float64, run_half, run_img2img,
+                                     run_sigma_parity, same_tables)
 
 from fusediff.kernels import use_backend
 from fusediff.schedulers import DDIMScheduler, EulerDiscreteScheduler, SchedulerOutput
@@ -79,10 +80,8 @@ def test_img2img_start_mid_schedule(name, set_begin):
 @pytest.mark.parametrize("name", ["default", "v-karras-churn", "zero_snr-v-continuous-trailing"])
 def test_float64_matches_diffusers_float64(name):
     config, kwargs = CASES[name]
-    ours, theirs = prepare(EulerDiscreteScheduler, config, 10)
-    last = run_sigma_parity(ours, theirs, FakeModel(dtype=torch.float64), step_kwargs=kwargs,
-                            noise_seed=seed_of(kwargs), x=start_sample(dtype=torch.float64) * 14,
-                            rtol=1e-11, atol=1e-11, cond=1e-14, slack=False, what=f"Euler float64 {name}")
+    last = run_float64(EulerDiscreteScheduler, config, 10, f"Euler float64 {name}", tol=1e-11, step_kwargs=kwargs,
+                       noise_seed=seed_of(kwargs))
     assert last[0].prev_sample.dtype == torch.float64
 
 
@@ -174,13 +173,8 @@ def test_timesteps_and_sigmas_match(T, n, spacing, offset, sigmas, interpolation
 def test_from_config_swaps_with_ddim():
     ddim = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                    timestep_spacing="trailing", prediction_type="v_prediction")
-    ours = EulerDiscreteScheduler.from_config(ddim.config)
-    theirs = diffusers.EulerDiscreteScheduler.from_config(ddim.config)
-    assert plain(ours.config) == plain(theirs.config)
-    for s in (ours, theirs):
-        s.set_timesteps(15)
-    same_tables(ours, theirs, "Euler from a DDIM config")
-    back = DDIMScheduler.from_config(ours.config)
+    ours, back = assert_from_config_like_diffusers(EulerDiscreteScheduler, ddim, 15, "Euler from a DDIM config",
+                                                   DDIMScheduler, all_keys=True)
     assert back.config.prediction_type == "v_prediction" and back.config.timestep_spacing == "trailing"
     torch.testing.assert_close(back.alphas_cumprod, ours.alphas_cumprod, rtol=0, atol=0)
 
@@ -232,18 +226,8 @@ def test_errors_shared_with_diffusers():
 
 def test_errors_where_diffusers_fails_obscurely():
     x = start_sample()
-    sched = EulerDiscreteScheduler()
-    sched.set_timesteps(10)
-    with pytest.raises(ValueError, match="not in the schedule"):
-        sched.step(x, 998.5, x)
-    for t in sched.timesteps:
-        sched.step(x, t, x)
-    with pytest.raises(ValueError, match="has ended"):
-        sched.step(x, sched.timesteps[-1], x)
-    with pytest.raises(NotImplementedError, match="use_beta_sigmas"):
-        EulerDiscreteScheduler(use_beta_sigmas=True)
-    with pytest.raises(ValueError, match="prediction_type"):
-        EulerDiscreteScheduler(prediction_type="flow")
+    sched = assert_step_refusals(EulerDiscreteScheduler, 10, 998.5)
+    assert_unsupported_options_refused(EulerDiscreteScheduler)
     with pytest.raises(ValueError, match="exceeds"):
         EulerDiscreteScheduler(timestep_spacing="leading").set_timesteps(1001)
     with pytest.raises(ValueError, match="begin_index"):

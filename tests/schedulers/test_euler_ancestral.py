@@ -15,8 +15,9 @@ import diffusers
 import pytest
 import torch
 from schedulers.parity import FakeModel, gen, raises_in_both, start_sample
-from schedulers.sigma_parity import (assert_configs_interchange, assert_signature_matches, count_fused_calls,
-                                     plain, prepare, run_half, run_img2img, run_sigma_parity, same_tables)
+from schedulers.sigma_parity import (assert_configs_interchange, assert_from_config_like_diffusers,
+                                     assert_signature_matches, assert_step_refusals, count_fused_calls, prepare,
+                                     run_float64, run_half, run_img2img, run_sigma_parity)
 
 from fusediff.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
@@ -51,10 +52,8 @@ def test_img2img_start_mid_schedule(set_begin):
 
 @pytest.mark.parametrize("name", ["default", "v-zero_snr-trailing"])
 def test_float64_matches_diffusers_float64(name):
-    ours, theirs = prepare(EulerAncestralDiscreteScheduler, CASES[name], 10)
-    run_sigma_parity(ours, theirs, FakeModel(dtype=torch.float64), noise_seed=3,
-                     x=start_sample(dtype=torch.float64) * 14, rtol=1e-11, atol=1e-11, cond=1e-14, slack=False,
-                     what=f"Euler ancestral float64 {name}")
+    run_float64(EulerAncestralDiscreteScheduler, CASES[name], 10, f"Euler ancestral float64 {name}", tol=1e-11,
+                noise_seed=3)
 
 
 def test_half_precision_within_diffusers_error():
@@ -101,13 +100,8 @@ def test_scale_model_input_and_add_noise_match():
 def test_from_config_swaps_with_euler():
     euler = diffusers.EulerDiscreteScheduler(timestep_spacing="trailing", prediction_type="v_prediction",
                                              rescale_betas_zero_snr=True, use_karras_sigmas=True)
-    ours = EulerAncestralDiscreteScheduler.from_config(euler.config)
-    theirs = diffusers.EulerAncestralDiscreteScheduler.from_config(euler.config)
-    assert {k: v for k, v in plain(ours.config).items() if k in theirs.config} == plain(theirs.config)
-    for s in (ours, theirs):
-        s.set_timesteps(12)
-    same_tables(ours, theirs, "Euler ancestral from an Euler config")
-    back = EulerDiscreteScheduler.from_config(ours.config)
+    _, back = assert_from_config_like_diffusers(EulerAncestralDiscreteScheduler, euler, 12,
+                                                "Euler ancestral from an Euler config", EulerDiscreteScheduler)
     assert back.config.rescale_betas_zero_snr and back.config.timestep_spacing == "trailing"
 
 
@@ -140,15 +134,7 @@ def test_errors_shared_with_diffusers():
 
 
 def test_errors_where_diffusers_fails_obscurely():
-    x = start_sample()
-    sched = EulerAncestralDiscreteScheduler()
-    sched.set_timesteps(4)
-    with pytest.raises(ValueError, match="not in the schedule"):
-        sched.step(x, 998.0, x)
-    for t in sched.timesteps:
-        sched.step(x, t, x)
-    with pytest.raises(ValueError, match="has ended"):
-        sched.step(x, sched.timesteps[-1], x)
+    sched = assert_step_refusals(EulerAncestralDiscreteScheduler, 4, 998.0)
     with pytest.raises(TypeError, match="integer"):
         sched.set_timesteps(2.5)
     with pytest.raises(ValueError, match="at least 1"):

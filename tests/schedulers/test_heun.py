@@ -12,8 +12,9 @@ import diffusers
 import pytest
 import torch
 from schedulers.parity import FakeModel, raises_in_both, start_sample
-from schedulers.sigma_parity import (assert_configs_interchange, assert_signature_matches, count_fused_calls,
-                                     plain, prepare, run_half, run_img2img, run_sigma_parity, same_tables)
+from schedulers.sigma_parity import (assert_configs_interchange, assert_from_config_like_diffusers,
+                                     assert_signature_matches, assert_step_refusals, assert_unsupported_options_refused,
+                                     count_fused_calls, prepare, run_float64, run_half, run_img2img, run_sigma_parity)
 
 from fusediff.schedulers import EulerDiscreteScheduler, HeunDiscreteScheduler
 
@@ -52,9 +53,7 @@ def test_img2img_start_mid_schedule(set_begin):
 
 @pytest.mark.parametrize("name", ["default", "v-karras-clip"])
 def test_float64_matches_diffusers_float64(name):
-    ours, theirs = prepare(HeunDiscreteScheduler, CASES[name], 8)
-    run_sigma_parity(ours, theirs, FakeModel(dtype=torch.float64), x=start_sample(dtype=torch.float64) * 14,
-                     rtol=1e-11, atol=1e-11, cond=1e-14, slack=False, what=f"Heun float64 {name}")
+    run_float64(HeunDiscreteScheduler, CASES[name], 8, f"Heun float64 {name}", tol=1e-11)
 
 
 def test_half_precision_within_diffusers_error():
@@ -92,13 +91,8 @@ def test_scale_model_input_and_add_noise_match():
 def test_from_config_swaps_with_euler():
     euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                              use_karras_sigmas=True, prediction_type="v_prediction")
-    ours, theirs = HeunDiscreteScheduler.from_config(euler.config), diffusers.HeunDiscreteScheduler.from_config(
-        euler.config)
-    assert {k: v for k, v in plain(ours.config).items() if k in theirs.config} == plain(theirs.config)
-    for s in (ours, theirs):
-        s.set_timesteps(9)
-    same_tables(ours, theirs, "Heun from an Euler config")
-    back = EulerDiscreteScheduler.from_config(ours.config)
+    _, back = assert_from_config_like_diffusers(HeunDiscreteScheduler, euler, 9, "Heun from an Euler config",
+                                                EulerDiscreteScheduler)
     assert back.config.use_karras_sigmas and back.config.beta_schedule == "scaled_linear"
 
 
@@ -135,18 +129,7 @@ def test_errors_shared_with_diffusers():
 
 
 def test_errors_where_diffusers_fails_obscurely():
-    x = start_sample()
-    sched = HeunDiscreteScheduler()
-    sched.set_timesteps(3)
-    with pytest.raises(ValueError, match="not in the schedule"):
-        sched.step(x, 998.0, x)
-    for t in sched.timesteps:
-        sched.step(x, t, x)
-    with pytest.raises(ValueError, match="has ended"):
-        sched.step(x, sched.timesteps[-1], x)
-    with pytest.raises(NotImplementedError, match="use_beta_sigmas"):
-        HeunDiscreteScheduler(use_beta_sigmas=True)
-    with pytest.raises(ValueError, match="prediction_type"):
-        HeunDiscreteScheduler(prediction_type="flow")
+    sched = assert_step_refusals(HeunDiscreteScheduler, 3, 998.0)
+    assert_unsupported_options_refused(HeunDiscreteScheduler)
     with pytest.raises(ValueError, match="finite"):
         sched.set_timesteps(timesteps=[900, float("nan")])

@@ -12,8 +12,9 @@ import diffusers
 import pytest
 import torch
 from schedulers.parity import FakeModel, check, raises_in_both, start_sample
-from schedulers.sigma_parity import (assert_configs_interchange, assert_signature_matches, count_fused_calls,
-                                     plain, prepare, run_half, run_img2img, run_sigma_parity, same_tables)
+from schedulers.sigma_parity import (assert_configs_interchange, assert_from_config_like_diffusers,
+                                     assert_signature_matches, assert_step_refusals, assert_unsupported_options_refused,
+                                     count_fused_calls, prepare, run_float64, run_half, run_img2img, run_sigma_parity)
 
 from fusediff.schedulers import EulerDiscreteScheduler, LMSDiscreteScheduler
 
@@ -66,9 +67,7 @@ def test_img2img_start_mid_schedule(name, set_begin):
 @pytest.mark.parametrize("name", ["default", "v-karras", "sample-exponential-leading-offset"])
 def test_float64_matches_diffusers_float64(name):
     """diffusers' float64 twin integrates the weights with scipy's quad on float64 sigmas: exact to ~1e-15."""
-    ours, theirs = prepare(LMSDiscreteScheduler, CASES[name], 10)
-    run_sigma_parity(ours, theirs, FakeModel(dtype=torch.float64), x=start_sample(dtype=torch.float64) * 14,
-                     rtol=1e-10, atol=1e-10, cond=1e-14, slack=False, what=f"LMS float64 {name}")
+    run_float64(LMSDiscreteScheduler, CASES[name], 10, f"LMS float64 {name}", tol=1e-10)
 
 
 def test_half_precision_within_diffusers_error():
@@ -103,13 +102,8 @@ def test_scale_model_input_and_add_noise_match():
 def test_from_config_swaps_with_euler():
     euler = diffusers.EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1, use_exponential_sigmas=True,
                                              prediction_type="sample")
-    ours, theirs = LMSDiscreteScheduler.from_config(euler.config), diffusers.LMSDiscreteScheduler.from_config(
-        euler.config)
-    assert {k: v for k, v in plain(ours.config).items() if k in theirs.config} == plain(theirs.config)
-    for s in (ours, theirs):
-        s.set_timesteps(11)
-    same_tables(ours, theirs, "LMS from an Euler config")
-    back = EulerDiscreteScheduler.from_config(ours.config)
+    _, back = assert_from_config_like_diffusers(LMSDiscreteScheduler, euler, 11, "LMS from an Euler config",
+                                                EulerDiscreteScheduler)
     assert back.config.use_exponential_sigmas and back.config.steps_offset == 1
 
 
@@ -147,13 +141,5 @@ def test_errors_where_diffusers_fails_obscurely():
         sched.step(x, sched.timesteps[0], x, order=0)
     with pytest.raises(ValueError, match="order"):
         sched.step(x, sched.timesteps[0], x, order=6)  # more history than the fused op reads
-    with pytest.raises(ValueError, match="not in the schedule"):
-        sched.step(x, 998.0, x)
-    for t in sched.timesteps:
-        sched.step(x, t, x)
-    with pytest.raises(ValueError, match="has ended"):
-        sched.step(x, sched.timesteps[-1], x)
-    with pytest.raises(NotImplementedError, match="use_beta_sigmas"):
-        LMSDiscreteScheduler(use_beta_sigmas=True)
-    with pytest.raises(ValueError, match="prediction_type"):
-        LMSDiscreteScheduler(prediction_type="flow")
+    assert_step_refusals(LMSDiscreteScheduler, 3, 998.0)
+    assert_unsupported_options_refused(LMSDiscreteScheduler)

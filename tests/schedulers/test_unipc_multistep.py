@@ -14,16 +14,17 @@ computed from diffusers' own state. The coefficient functions: tests/kernels/tes
 
 from __future__ import annotations
 
-import inspect
-import json
-
 import diffusers
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from schedulers.multistep_parity import ATOL, COND, RTOL, assert_same_schedule, in_float64, set_all, term_sizes, twins
-from schedulers.parity import FakeModel, check, raises_in_both, start_sample
+from schedulers.multistep_parity import (ATOL, COND, RTOL, assert_errors_shared_with_diffusers,
+                                         assert_from_config_like_diffusers, assert_round_trip_both_ways,
+                                         assert_same_schedule, assert_signature_and_defaults_match, assert_step_errors,
+                                         in_float64, prepare, run_float64, run_from_begin_index, run_half, set_all,
+                                         term_sizes)
+from schedulers.parity import FakeModel, check, raises_in_both, ready, start_sample
 from support.tolerance import assert_within_ref_error
 
 import fusediff.schedulers.scheduling_multistep_utils as base
@@ -102,16 +103,10 @@ def run_parity(ours, theirs, model=None, timesteps=None, *, x=None, replace=None
     return outs
 
 
-def both(config, n):
-    ours, (lo, exact) = OURS(**config), twins(THEIRS, **config)
-    set_all((ours, lo, exact), n)
-    return ours, (lo, exact)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_parity_run(name):
     config, n = CASES[name]
-    ours, theirs = both(config, n)
+    ours, theirs = prepare(OURS, config, n)
     assert_same_schedule(ours, theirs[0])
     run_parity(ours, theirs, what=f"UniPC {name}")
 
@@ -119,31 +114,20 @@ def test_parity_run(name):
 @pytest.mark.parametrize("name", ["3-bh2", "3-bh1-trailing", "3-v-threshold", "noise-2-bh1-v"])
 def test_float64_inputs_to_float64_accuracy(name):
     config, n = CASES[name]
-    ours, theirs = both(config, n)
-    mine, _, ref = run_parity(ours, theirs, FakeModel(dtype=torch.float64), x=start_sample(dtype=torch.float64),
-                              rtol=1e-10, atol=1e-10, cond=1e-13, slack=False, what=f"UniPC float64 {name}")
-    assert mine.dtype == torch.float64
-    print(f"{name}: float64 max |ours - diffusers float64| = {(mine - ref).abs().max().item():.2e}")
+    ours, theirs = prepare(OURS, config, n)
+    run_float64(ours, theirs, f"UniPC float64 {name}", run=run_parity)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_diffusers_error(dtype):
-    ours, (lo, exact) = both(dict(solver_order=3), 10)
-    x = start_sample().to(dtype)
-    for t in ours.timesteps:
-        m = FakeModel()(x.float(), t).to(dtype)
-        mine, theirs = ours.step(m, t, x).prev_sample, lo.step(m, t, x).prev_sample
-        with in_float64(exact):
-            ref = exact.step(m.double(), t, x.double()).prev_sample
-        assert mine.dtype == dtype
-        assert_within_ref_error(mine, theirs, ref, f"UniPC {dtype} t={int(t)}")
-        x = mine
+    run_half(*prepare(OURS, dict(solver_order=3), 10), dtype, what="UniPC ",
+             model=lambda x, t: FakeModel()(x.float(), t).to(dtype))
 
 
 def test_corrector_ignores_changes_to_the_passed_sample_like_diffusers():
     """Pipelines may replace the sample between steps (inpainting blends in the known region). diffusers'
     UniC restarts from its own last result and uses the passed sample only to convert the model output."""
-    ours, theirs = both(dict(solver_order=3), 10)
+    ours, theirs = prepare(OURS, dict(solver_order=3), 10)
 
     def replace(i, x):
         return 0.8 * x + 0.1 * start_sample(seed=100 + i)  # out of place, as a pipeline would
@@ -200,18 +184,26 @@ def test_one_fused_call_per_step_with_the_last_output_in_history(monkeypatch):
         assert lengths == [0, 2, 3, 4, 4, 4, 4, 4, 4, 3]
 
 
+def run_to_a_nan_last_step(ours, theirs, what: str) -> torch.Tensor:
+    """All but the last step compared as in run_parity; then the last step on a fresh sample, where diffusers'
+    float32 run must be NaN (its float64 twin takes the step too, for its state). Returns our last output."""
+    lo, exact = theirs
+    run_parity(ours, theirs, timesteps=ours.timesteps[:-1], what=what)
+    t, x = ours.timesteps[-1], start_sample(seed=5)
+    m = FakeModel()(x, t)
+    mine = ours.step(m, t, x).prev_sample
+    assert torch.isnan(lo.step(m, t, x).prev_sample).all()
+    with in_float64(exact):
+        exact.step(m.double(), t, x.double())
+    return mine
+
+
 def test_last_step_to_sigma_zero_takes_the_limit():
     """bh1 (B(h) = -inf times a zero sum) and noise prediction (sigma_t (e^h - 1) eps, 0 * inf) are NaN in
     diffusers at the step to sigma = 0; the limit is the data prediction x0 at the last timestep."""
     for config in (dict(solver_type="bh1"), dict(predict_x0=False, solver_order=3)):
-        ours, (lo, exact) = both(config, 8)
-        run_parity(ours, (lo, exact), timesteps=ours.timesteps[:-1], what=f"UniPC {config}")
-        t, x = ours.timesteps[-1], start_sample(seed=5)
-        m = FakeModel()(x, t)
-        mine = ours.step(m, t, x).prev_sample
-        assert torch.isnan(lo.step(m, t, x).prev_sample).all()
-        with in_float64(exact):
-            exact.step(m.double(), t, x.double())
+        ours, (lo, exact) = prepare(OURS, config, 8)
+        mine = run_to_a_nan_last_step(ours, (lo, exact), f"UniPC {config}")
         alpha, sigma = ours.alpha_sigma(len(ours.timesteps) - 1)
 
         def limit(s):  # x0, or from eps: x0 = (x^c - sigma eps) / alpha with x^c the corrected sample
@@ -224,32 +216,20 @@ def test_zero_length_last_step_is_the_corrected_sample():
     """Karras levels end at sigma_min, also the final level: the last step has h = 0. Its third-order
     predictor is 0/0 in diffusers (NaN); the limit h -> 0 is the corrected sample itself."""
     config = dict(solver_order=3, use_karras_sigmas=True, lower_order_final=False, **SIGMA_MIN)
-    ours, (lo, exact) = both(config, 6)
+    ours, (lo, exact) = prepare(OURS, config, 6)
     assert ours.sigmas[-1] == ours.sigmas[-2]
-    run_parity(ours, (lo, exact), timesteps=ours.timesteps[:-1], what="UniPC karras")
-    t, x = ours.timesteps[-1], start_sample(seed=5)
-    m = FakeModel()(x, t)
-    mine = ours.step(m, t, x).prev_sample
-    assert torch.isnan(lo.step(m, t, x).prev_sample).all()
-    with in_float64(exact):
-        exact.step(m.double(), t, x.double())
+    mine = run_to_a_nan_last_step(ours, (lo, exact), "UniPC karras")
     assert_within_ref_error(mine, lo.last_sample, exact.last_sample, "UniPC zero-length last step")
 
 
 def test_mid_schedule_start_with_begin_index():
-    ours, (lo, exact) = both(dict(solver_order=3), 20)
-    for s in (ours, lo, exact):
-        s.set_begin_index(8)
-    x0, noise = start_sample(seed=1), start_sample(seed=2)
-    t0 = ours.timesteps[8:9]
-    x = ours.add_noise(x0, noise, t0)
-    torch.testing.assert_close(x, lo.add_noise(x0, noise, t0), rtol=1e-6, atol=1e-7)
-    run_parity(ours, (lo, exact), timesteps=ours.timesteps[8:], x=x, what="UniPC begin_index 8")
+    ours, (lo, exact) = prepare(OURS, dict(solver_order=3), 20)
+    run_from_begin_index(ours, (lo, exact), 8, what="UniPC begin_index 8", run=run_parity)
     assert ours.step_index == lo.step_index == 20
 
 
 def test_mid_schedule_start_by_timestep_then_new_run():
-    ours, (lo, exact) = both({}, 15)
+    ours, (lo, exact) = prepare(OURS, {}, 15)
     run_parity(ours, (lo, exact), timesteps=ours.timesteps[5:9], what="UniPC start at index 5")
     set_all((ours, lo, exact), 7)  # a new run forgets the last one (history, corrector start, order)
     assert ours.this_order == 0 and ours.model_outputs == [None, None]
@@ -279,16 +259,9 @@ def test_schedules_match(n, spacing, sigmas, final, offset):
 
 
 # -- configs -----------------------------------------------------------------------------------------
-def plain(config) -> dict:
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
-
-
 def test_signature_and_defaults_match_diffusers():
-    def params(cls):  # defaults as JSON: our disable_corrector default is (), diffusers' a shared []
-        return [(p.name, json.dumps(p.default)) for p in inspect.signature(cls.__init__).parameters.values()
-                if p.name != "self"]
-    assert params(OURS) == params(THEIRS)
-    assert plain(OURS().config) == plain(THEIRS().config)
+    # defaults as JSON: our disable_corrector default is (), diffusers' a shared []
+    assert_signature_and_defaults_match(OURS, defaults_as_json=True)
 
 
 NON_DEFAULT = dict(num_train_timesteps=500, beta_schedule="scaled_linear", solver_order=3,
@@ -298,15 +271,8 @@ NON_DEFAULT = dict(num_train_timesteps=500, beta_schedule="scaled_linear", solve
 
 
 def test_save_load_round_trip_both_ways(tmp_path):
-    ours = OURS(**NON_DEFAULT)
-    ours.save_pretrained(tmp_path / "a")
-    theirs = THEIRS.from_pretrained(tmp_path / "a")
-    assert plain(theirs.config) == plain(ours.config)
-    THEIRS(**NON_DEFAULT).save_pretrained(tmp_path / "b")
-    again = OURS.from_pretrained(tmp_path / "b")
-    assert plain(again.config) == plain(ours.config) and again.disable_corrector == [1, 3]
-    set_all((again, theirs), 12)
-    assert_same_schedule(again, theirs)
+    _, _, again = assert_round_trip_both_ways(tmp_path, OURS, NON_DEFAULT)
+    assert again.disable_corrector == [1, 3]
 
 
 @pytest.mark.parametrize("source", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -314,13 +280,8 @@ def test_save_load_round_trip_both_ways(tmp_path):
 def test_from_config_of_other_schedulers_like_diffusers(source):
     extra = {"solver_type": "heun"} if source == "DPMSolverMultistepScheduler" else {}
     config = getattr(diffusers, source)(beta_schedule="scaled_linear", timestep_spacing="trailing", **extra).config
-    ours, theirs = OURS.from_config(config), THEIRS.from_config(config)
-    keys = set(plain(OURS().config))
-    assert {k: v for k, v in plain(ours.config).items() if k in keys} == \
-        {k: v for k, v in plain(theirs.config).items() if k in keys}
+    ours = assert_from_config_like_diffusers(OURS, config)
     assert ours.config.solver_type == "bh2" and ours.config.beta_schedule == "scaled_linear"
-    set_all((ours, theirs), 10)
-    assert_same_schedule(ours, theirs)
 
 
 def test_swap_to_other_schedulers_in_both_libraries():
@@ -340,19 +301,9 @@ def test_swap_to_other_schedulers_in_both_libraries():
 both_raise = raises_in_both(OURS)
 
 
-def ready(cls, n=10, **config):
-    s = cls(**config)
-    s.set_timesteps(n)
-    return s
-
-
 def test_errors_shared_with_diffusers():
     x = start_sample()
-    both_raise(ValueError, lambda c: c().step(x, 999, x))  # before set_timesteps
-    both_raise(NotImplementedError, lambda c: c(beta_schedule="sigmoid"))
-    both_raise(NotImplementedError, lambda c: c(solver_type="rk4"))
-    both_raise(ValueError, lambda c: c(use_karras_sigmas=True, use_exponential_sigmas=True))
-    both_raise(ValueError, lambda c: c(timestep_spacing="uniform").set_timesteps(10))
+    assert_errors_shared_with_diffusers(both_raise)
     both_raise(ValueError, lambda c: c(final_sigmas_type="one").set_timesteps(10))
     both_raise(ValueError, lambda c: c(shift_terminal=0.1))
     both_raise(ValueError, lambda c: ready(c, prediction_type="flow").step(x, 999, x))
@@ -360,6 +311,7 @@ def test_errors_shared_with_diffusers():
 
 def test_errors_where_diffusers_fails_silently_or_obscurely():
     x = start_sample()
+    assert_step_errors(OURS)
     with pytest.raises(ValueError, match="solver_order"):
         OURS(solver_order=4)
     with pytest.raises(ValueError, match="lower_order_final"):
@@ -374,15 +326,6 @@ def test_errors_where_diffusers_fails_silently_or_obscurely():
         OURS(disable_corrector="0")
     with pytest.raises(TypeError, match="predict_x0"):
         OURS(predict_x0="yes")
-    with pytest.raises(ValueError, match="not in the schedule"):
-        ready(OURS).step(x, 998, x)
-    with pytest.raises(ValueError, match="shape"):
-        s = ready(OURS)
-        s.step(x[:1], s.timesteps[0], x)
-    with pytest.raises(ValueError, match="is over"):
-        s = ready(OURS, n=1)
-        s.step(x, s.timesteps[0], x)
-        s.step(x, s.timesteps[0], x)
     with pytest.raises(ValueError, match="shape"):  # a batch that changes mid-run meets the history
         s = ready(OURS)
         s.step(FakeModel()(x, s.timesteps[0]), s.timesteps[0], x)
