@@ -191,7 +191,7 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
         schedule = self._sigma_schedule()
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("set_timesteps takes exactly one of num_inference_steps and timesteps")
-        table = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)  # float32, t ascending
+        table = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()  # float32, t ascending
         log_table = np.log(table)
         if timesteps is not None:
             if schedule is not None:
