@@ -19,7 +19,8 @@ UNETS = {
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=96, attention_head_dim=8,
                 norm_num_groups=32),
-    # SD 2.x shape: per-level head widths (40, 80 as in SD2 at 320 and 640 channels), linear projections, upcast
+    # SD 2.x shape: a per-block list in attention_head_dim (head counts 2 and 4, as diffusers reads it: head
+    # width 40 at both levels), linear projections, upcast attention
     "sd2": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(80, 160),
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=96,
