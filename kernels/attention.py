@@ -16,8 +16,10 @@ to q's dtype at the end.
 Limits: q, k and v share batch B, heads H, head size D >= 1, dtype (float32, float16,
 bfloat16 or float64) and device; k and v share Sk. Any strides are accepted, e.g. a (B, S, H, D)
 projection viewed with .transpose(1, 2); the output is contiguous. With no keys (Sk = 0) the
-output is zeros, as in torch. The reference materialises the (B, H, Sq, Sk) float32 scores, so
-its memory grows with Sq * Sk. No mask, dropout, causal flag or grouped-query heads.
+output is zeros, as in torch. The reference materialises the float32 scores of as many query rows
+at a time as fit in REF_SCORE_BYTES (256 MiB; every row's softmax is its own, so the chunks give
+the same rows), which bounds its memory where the kernel does not run, e.g. the single 512-wide
+head of a VAE's mid-block at 1024x1024. No mask, dropout, causal flag or grouped-query heads.
 Gradients flow through plain torch ops.
 
 Dispatch (DESIGN.md, decision 2): the flash-attention Triton kernel of ``attention_triton.py``
@@ -39,6 +41,7 @@ from . import _backend
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
 MAX_FUSED_HEAD_DIM = 256  # the Triton kernel's largest head size; larger ones run the reference
+REF_SCORE_BYTES = 256 << 20  # the reference's scores (B, H, rows, Sk) are at most this big at a time
 
 
 def _validate(q, k, v, scale) -> float:
@@ -75,11 +78,23 @@ def _validate(q, k, v, scale) -> float:
 
 
 def _ref(q, k, v, scale):
-    """attention_ref on inputs already validated, with the scale resolved."""
+    """attention_ref on inputs already validated, with the scale resolved: in chunks of query rows
+    whose scores fit in REF_SCORE_BYTES."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
-    probs = torch.softmax(scores, dim=-1)  # (B, H, Sq, Sk), rows sum to 1
-    return torch.matmul(probs, v.to(compute)).to(q.dtype)  # (B, H, Sq, D)
+    batch, heads, sq, _ = q.shape
+    row_bytes = batch * heads * k.shape[2] * (8 if compute == torch.float64 else 4)
+    rows = max(1, REF_SCORE_BYTES // max(row_bytes, 1))
+    kt, vc = k.to(compute).transpose(-2, -1), v.to(compute)  # (B, H, D, Sk), (B, H, Sk, D)
+    if sq <= rows:
+        return _ref_rows(q, kt, vc, scale)
+    return torch.cat([_ref_rows(q[:, :, i:i + rows], kt, vc, scale) for i in range(0, sq, rows)], dim=2)
+
+
+def _ref_rows(q, kt, v, scale):
+    """softmax(q k^T * scale) v for a block of query rows, k^T and v already in the compute dtype."""
+    scores = torch.matmul(q.to(kt.dtype), kt) * scale  # (B, H, rows, Sk)
+    probs = torch.softmax(scores, dim=-1)  # rows sum to 1
+    return torch.matmul(probs, v).to(q.dtype)  # (B, H, rows, D)
 
 
 def _kernels() -> ModuleType:

@@ -87,6 +87,26 @@ def test_float64_ref_matches_sdpa_closely():
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_reference_in_query_chunks_matches_one_pass(monkeypatch, dtype):
+    """With a score budget of 3 rows (so 63 queries run in 21 chunks), the reference still equals
+    SDPA, and gradients flow through the chunks."""
+    q, k, v = make_qkv(2, 3, 63, 17, 21, dtype, seed=8)
+    row_bytes = 2 * 3 * 17 * (8 if dtype == torch.float64 else 4)
+    monkeypatch.setattr(AT, "REF_SCORE_BYTES", 3 * row_bytes)
+    calls = record_calls(monkeypatch, AT, "_ref_rows")
+    qs = q.clone().requires_grad_()
+    got = K.attention_ref(qs, k, v)
+    assert len(calls) == 21 and all(c[0].shape[2] == 3 for c in calls), [c[0].shape for c in calls]
+    expected = F.scaled_dot_product_attention(q, k, v)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    got.sum().backward()
+    q2 = q.clone().requires_grad_()
+    F.scaled_dot_product_attention(q2, k, v).sum().backward()
+    torch.testing.assert_close(qs.grad, q2.grad, rtol=100 * tol, atol=100 * tol)
+
+
 def test_strided_inputs_match_contiguous():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 9, 3, 16, generator=g).transpose(1, 2) for _ in range(3))  # (B, S, H, D) views
