@@ -80,20 +80,24 @@ def _clip(clip_sample_range: float | None) -> float:
     return float(clip_sample_range)
 
 
-def _vp_predictions(alpha: float, sigma: float, prediction_type: str):
-    """x0 and eps as (coef of x, coef of m) for x = alpha*x0 + sigma*eps (Salimans & Ho 2022 for v)."""
+def prediction_coeffs(alpha: float, sigma: float, prediction_type: str, predict_x0: bool = True
+                      ) -> tuple[float, float]:
+    """(coef of x, coef of m) of the data prediction x0 (``predict_x0``) or of the noise eps, for
+    x = alpha*x0 + sigma*eps and a model output m of ``prediction_type`` (Salimans & Ho 2022 for v)."""
     if prediction_type == "epsilon":  # x0 = (x - sigma*m)/alpha
-        return (1.0 / alpha, -sigma / alpha), (0.0, 1.0)
+        return (1.0 / alpha, -sigma / alpha) if predict_x0 else (0.0, 1.0)
     if prediction_type == "sample":  # eps = (x - alpha*m)/sigma
-        return (0.0, 1.0), (1.0 / sigma, -alpha / sigma)
-    return (alpha, -sigma), (sigma, alpha)  # v: x0 = alpha*x - sigma*v, eps = alpha*v + sigma*x
+        return (0.0, 1.0) if predict_x0 else (1.0 / sigma, -alpha / sigma)
+    if prediction_type == "v_prediction":  # x0 = alpha*x - sigma*v, eps = alpha*v + sigma*x
+        return (alpha, -sigma) if predict_x0 else (sigma, alpha)
+    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
 
 
 def ddpm(alpha_prod_t: float, alpha_prod_t_prev: float, *, prediction_type: str = "epsilon",
          noise_std: float = 0.0, clip_sample_range: float | None = None) -> StepCoeffs:
     """DDPM ancestral step, posterior mean (Ho et al. 2020, eq. 7) plus noise_std * noise."""
     _check_prediction(prediction_type)
-    (p_x, p_m), _ = _vp_predictions(math.sqrt(alpha_prod_t), math.sqrt(1 - alpha_prod_t), prediction_type)
+    p_x, p_m = prediction_coeffs(math.sqrt(alpha_prod_t), math.sqrt(1 - alpha_prod_t), prediction_type)
     beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
     current_alpha_t = alpha_prod_t / alpha_prod_t_prev
     # 1. mu_t(x_t, x0) = c_x0 * x0 + c_x * x_t (eq. 7)
@@ -119,7 +123,7 @@ def ddim(alpha_prod_t: float, alpha_prod_t_prev: float, *, eta: float = 0.0,
     """DDIM step (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 is DDPM-like."""
     _check_prediction(prediction_type)
     a, s = math.sqrt(alpha_prod_t), math.sqrt(1 - alpha_prod_t)
-    (p_x, p_m), (e_x, e_m) = _vp_predictions(a, s, prediction_type)
+    (p_x, p_m), (e_x, e_m) = prediction_coeffs(a, s, prediction_type), prediction_coeffs(a, s, prediction_type, False)
     # 1. sigma_t(eta) (eq. 16)
     variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
     std = eta * math.sqrt(max(variance, 0.0))
@@ -167,7 +171,7 @@ def euler_ancestral(sigma_from: float, sigma_to: float, *, prediction_type: str 
     return StepCoeffs(p_x=p_x, p_m=p_m, c_x=1 + r, c_x0=-r, c_n=sigma_up)
 
 
-def _vp_from_sigma(sigma: float) -> tuple[float, float]:
+def vp_from_sigma(sigma: float) -> tuple[float, float]:
     """(alpha_t, sigma_t) of the variance-preserving view of noise level sigma."""
     alpha = 1.0 / math.sqrt(sigma**2 + 1)
     return alpha, sigma * alpha
@@ -176,39 +180,16 @@ def _vp_from_sigma(sigma: float) -> tuple[float, float]:
 def dpmpp_2m(sigma_t: float, sigma_s0: float, sigma_s1: float | None = None, *,
              prediction_type: str = "epsilon", solver_type: str = "midpoint",
              clip_sample_range: float | None = None) -> StepCoeffs:
-    """DPM-Solver++(2M) step from sigma_s0 to sigma_t (Lu et al. 2022, alg. 2).
+    """DPM-Solver++(2M) step from sigma_s0 to sigma_t (Lu et al. 2022, alg. 2), x0 optionally clipped.
 
     ``sigma_s1`` is the previous step's noise level; history[0] must then hold the previous
     x0 prediction (written by the previous step's ``return_pred``). Without it, the step is
-    first order (DPM-Solver++ 1, i.e. DDIM in x0 form).
+    first order (DPM-Solver++ 1, i.e. DDIM in x0 form). It is :func:`dpm_solver_multistep` of
+    order 1 or 2 with algorithm ``dpmsolver++``.
     """
-    _check_prediction(prediction_type)
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be midpoint or heun; got {solver_type!r}")
-    alpha_s0, vsig_s0 = _vp_from_sigma(sigma_s0)
-    (p_x, p_m), _ = _vp_predictions(alpha_s0, vsig_s0, prediction_type)
-    clip = _clip(clip_sample_range)
-    if sigma_t == 0:  # the limit h -> inf of the first-order step: x_t = x0
-        if sigma_s1 is not None:
-            raise ValueError("the step to sigma_t = 0 must be first order (pass sigma_s1=None)")
-        return StepCoeffs(p_x=p_x, p_m=p_m, c_x0=1.0, clip=clip)
-    alpha_t, vsig_t = _vp_from_sigma(sigma_t)
-
-    def lam(alpha: float, vsig: float) -> float:  # lambda = log(alpha/sigma), half log-SNR
-        return math.log(alpha) - math.log(vsig)
-
-    h = lam(alpha_t, vsig_t) - lam(alpha_s0, vsig_s0)
-    phi = alpha_t * math.expm1(-h)  # alpha_t * (e^{-h} - 1)
-    c_x = vsig_t / vsig_s0
-    if sigma_s1 is None:  # 1. x_t = (sigma_t/sigma_s) x - alpha_t (e^{-h} - 1) D0
-        return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_x0=-phi, clip=clip)
-    # 2. D1 = (D0 - m1)/r0 with r0 = h_0/h, the ratio of the last two step sizes
-    r0 = (lam(alpha_s0, vsig_s0) - lam(*_vp_from_sigma(sigma_s1))) / h
-    if solver_type == "midpoint":  # x_t = ... - alpha_t (e^{-h}-1) D0 - 0.5 alpha_t (e^{-h}-1) D1
-        w = -0.5 * phi / r0
-    else:  # heun: ... + alpha_t ((e^{-h}-1)/h + 1) D1
-        w = alpha_t * (math.expm1(-h) / h + 1.0) / r0
-    return StepCoeffs(p_x=p_x, p_m=p_m, c_x=c_x, c_x0=-phi + w, c_h0=-w, clip=clip)
+    sigmas = (sigma_s0,) if sigma_s1 is None else (sigma_s0, sigma_s1)
+    coeffs = dpm_solver_multistep(sigma_t, sigmas, prediction_type=prediction_type, solver_type=solver_type)
+    return coeffs._replace(clip=_clip(clip_sample_range))
 
 
 def plms_weights(order: int) -> tuple[float, ...]:
@@ -315,15 +296,16 @@ def dpm_solver_multistep(sigma_t: float, sigmas: Sequence[float], *, prediction_
     if sigma_t < 0 or any(not s > 0 for s in sigmas):
         raise ValueError(f"noise levels must be > 0 (sigma_t >= 0); got sigma_t={sigma_t}, sigmas={list(sigmas)}")
     data = algorithm_type.endswith("++")
-    alpha_s0, vsig_s0 = _vp_from_sigma(sigmas[0])
-    (x0_x, x0_m), (e_x, e_m) = _vp_predictions(alpha_s0, vsig_s0, prediction_type)
+    alpha_s0, vsig_s0 = vp_from_sigma(sigmas[0])
+    (x0_x, x0_m), (e_x, e_m) = (prediction_coeffs(alpha_s0, vsig_s0, prediction_type),
+                                prediction_coeffs(alpha_s0, vsig_s0, prediction_type, False))
     p_x, p_m = (x0_x, x0_m) if data else (e_x, e_m)
     if sigma_t == 0:  # h = inf: x_t = x0 (the limit of the first-order step)
         if not data or order > 1:
             raise ValueError("a step to sigma_t = 0 must be first order with a data-prediction algorithm "
                              "(dpmsolver++ or sde-dpmsolver++)")
         return StepCoeffs(p_x=p_x, p_m=p_m, c_x0=1.0)
-    alpha_t, vsig_t = _vp_from_sigma(sigma_t)
+    alpha_t, vsig_t = vp_from_sigma(sigma_t)
     lambdas = [-math.log(s) for s in sigmas]
     h = -math.log(sigma_t) - lambdas[0]
     if h == 0:  # no step
@@ -383,9 +365,9 @@ def deis_multistep(sigma_t: float, sigmas: Sequence[float], *, prediction_type: 
         raise ValueError(f"deis_multistep takes 1 to 3 sigmas (its order); got {order}")
     if sigma_t < 0 or any(not s > 0 for s in sigmas):
         raise ValueError(f"noise levels must be > 0 (sigma_t >= 0); got sigma_t={sigma_t}, sigmas={list(sigmas)}")
-    alpha_s0, vsig_s0 = _vp_from_sigma(sigmas[0])
-    _, (p_x, p_m) = _vp_predictions(alpha_s0, vsig_s0, prediction_type)
-    alpha_t, _ = _vp_from_sigma(sigma_t)
+    alpha_s0, vsig_s0 = vp_from_sigma(sigmas[0])
+    p_x, p_m = prediction_coeffs(alpha_s0, vsig_s0, prediction_type, predict_x0=False)
+    alpha_t, _ = vp_from_sigma(sigma_t)
     logs = [math.log(s) for s in sigmas]
     # 1. c_j: the integral of the j-th Lagrange basis polynomial (node j first) from rho_s0 to rho_t
     weights = []

@@ -27,7 +27,6 @@ implemented (NotImplementedError).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from ..kernels import scheduler_step
-from ..kernels.scheduler_step_coeffs import StepCoeffs
+from ..kernels.scheduler_step_coeffs import StepCoeffs, prediction_coeffs, vp_from_sigma
 from .scheduling_utils import (ZERO_SNR_ALPHA_BAR, SchedulerMixin, StepIndexMixin, alpha_bar_tables,
                                check_num_inference_steps, dynamic_threshold, like, step_inputs)
 from .sigmas import resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
@@ -68,23 +67,6 @@ def multistep_timesteps(num_train_timesteps: int, num_inference_steps: int, spac
     return ts.copy().astype(np.int64)
 
 
-def prediction_coeffs(alpha: float, sigma: float, prediction_type: str, predict_x0: bool = True
-                      ) -> tuple[float, float]:
-    """(p_x, p_m) with D = p_x*x + p_m*m the data prediction x0 (``predict_x0``) or the noise eps.
-
-    For x = alpha x0 + sigma eps: epsilon: x0 = (x - sigma m)/alpha; sample: x0 = m, eps = (x - alpha m)/sigma;
-    v_prediction (Salimans & Ho 2022): x0 = alpha x - sigma v, eps = alpha v + sigma x.
-    """
-    if prediction_type == "epsilon":
-        return (1.0 / alpha, -sigma / alpha) if predict_x0 else (0.0, 1.0)
-    if prediction_type == "sample":
-        return (0.0, 1.0) if predict_x0 else (1.0 / sigma, -alpha / sigma)
-    if prediction_type == "v_prediction":
-        return (alpha, -sigma) if predict_x0 else (sigma, alpha)
-    raise ValueError(f"prediction_type must be one of {', '.join(MULTISTEP_PREDICTION_TYPES)}; "
-                     f"got {prediction_type!r}")
-
-
 class MultistepScheduler(StepIndexMixin, SchedulerMixin):
     """Base of the multistep solvers: tables, timesteps and sigmas, step index, conversion, fused update.
 
@@ -107,7 +89,7 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
         """Build the tables from float32 ``betas`` and reset the run state.
 
         Sets betas, alphas, alphas_cumprod (float32, the last set to 2^-24 for zero-SNR betas so that
-        sigma stays finite), alpha_t = sqrt(abar), sigma_t = sqrt(1 - abar), lambda_t and ``sigmas``
+        sigma stays finite), lambda_t and ``sigmas``
         (the trained levels, ascending, until ``set_timesteps``).
         """
         if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
@@ -116,9 +98,8 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
             raise ValueError(f"betas must be a 1-D sequence of at least 2 values; got shape {tuple(betas.shape)}")
         self.betas, self.alphas, self.alphas_cumprod = alpha_bar_tables(betas, rescale_betas_zero_snr,
                                                                         ZERO_SNR_ALPHA_BAR)
-        self.alpha_t = torch.sqrt(self.alphas_cumprod)
-        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        # half log-SNR lambda_t = log alpha_t - log sigma_t of the table, as diffusers computes it
+        self.lambda_t = torch.log(torch.sqrt(self.alphas_cumprod)) - torch.log(torch.sqrt(1 - self.alphas_cumprod))
         self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         T = len(betas)
         self.num_inference_steps: int | None = None
@@ -167,8 +148,7 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
 
     def _trained_sigma_min(self) -> float:
         """sigma at t = 0 of the float32 table, computed as diffusers computes it."""
-        abar0 = self.alphas_cumprod[0]
-        return float(((1 - abar0) / abar0) ** 0.5)
+        return float(sigmas_from_alphas_cumprod(self.alphas_cumprod[0]))
 
     def _final_sigma(self, sigmas: np.ndarray, schedule: str | None) -> float:
         """The level after the last step: 0 for final_sigmas_type 'zero'; for 'sigma_min' the last
@@ -271,9 +251,7 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
 
     def alpha_sigma(self, index: int) -> tuple[float, float]:
         """(alpha_t, sigma_t) of ``sigmas[index]`` as float64 Python floats (for coefficients)."""
-        s = float(self.sigmas[index])
-        alpha = 1.0 / math.sqrt(s * s + 1.0)
-        return alpha, s * alpha
+        return vp_from_sigma(float(self.sigmas[index]))
 
     def _split_variance(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The mean part of a model output that also predicts a variance (``variance_type`` learned)."""
@@ -364,12 +342,8 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
             if timesteps.min() < 0 or timesteps.max() >= T:
                 raise ValueError(f"timesteps must lie in [0, {T}); got {timesteps.tolist()}")
             indices = timesteps.long().tolist()
-        elif self._begin_index is None:
-            schedule = self.timesteps.to(original_samples.device)
-            indices = [self.index_for_timestep(t, schedule) for t in timesteps.to(original_samples.device)]
         else:
-            index = self._step_index if self._step_index is not None else self._begin_index
-            indices = [index] * timesteps.shape[0]
+            indices = self._noise_indices(timesteps, original_samples.device)
         sigma = sigmas[indices].flatten()
         sigma = sigma.reshape(sigma.shape + (1,) * (original_samples.dim() - 1))  # (B, 1, ..., 1)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)

@@ -243,13 +243,7 @@ class SigmaScheduler(StepIndexMixin, AlphaBarScheduler):
         """x0 + sigma*noise: at each timestep's sigma in the schedule, or at the run's begin or current index."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
         timesteps = torch.as_tensor(timesteps).reshape(-1)
-        if self._begin_index is None:  # training, or a pipeline that does not set the begin index
-            schedule = self.timesteps.to(original_samples.device)
-            indices = [self.index_for_timestep(t, schedule) for t in timesteps.to(original_samples.device)]
-        else:  # img2img before the first step (begin index), inpainting after it (step index)
-            index = self._begin_index if self._step_index is None else self._step_index
-            indices = [index] * len(timesteps)
-        sigma = sigmas[indices].reshape((-1,) + (1,) * (original_samples.dim() - 1))  # (B, 1, ..., 1)
+        sigma = sigmas[self._noise_indices(timesteps, original_samples.device)].reshape((-1,) + (1,) * (original_samples.dim() - 1))  # (B, 1, ..., 1)
         return original_samples + noise * sigma
 
     @staticmethod

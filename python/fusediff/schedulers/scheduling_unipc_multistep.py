@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
+from ..kernels.scheduler_step_coeffs import prediction_coeffs
 from ..kernels.scheduler_step_unipc import SOLVER_TYPES, Update, half_log_snr, unipc_coeffs, unipc_update
-from .scheduling_multistep_utils import BETA_SCHEDULES, MultistepScheduler, prediction_coeffs
+from .scheduling_multistep_utils import BETA_SCHEDULES, MultistepScheduler
 from .scheduling_utils import SchedulerOutput, compatibles_of, make_betas
 
 SIBLING_SOLVER_TYPES = ("midpoint", "heun", "logrho")  # DPM-Solver's and DEIS's; read as bh2, as diffusers

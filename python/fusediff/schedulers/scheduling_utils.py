@@ -134,6 +134,16 @@ class StepIndexMixin:
             raise ValueError(f"begin_index must be {where}; got {begin_index!r}")
         self._begin_index = int(begin_index)
 
+    def _noise_indices(self, timesteps: torch.Tensor, device: torch.device) -> list[int]:
+        """add_noise's index into the run's noise levels per timestep: the run's begin index (img2img,
+        before the first step) or current index (inpainting, after it) when a pipeline set one, else
+        each timestep's position in the schedule (training)."""
+        if self._begin_index is None:
+            schedule = self.timesteps.to(device)
+            return [self.index_for_timestep(t, schedule) for t in timesteps.to(device)]
+        index = self._begin_index if self._step_index is None else self._step_index
+        return [index] * len(timesteps)
+
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
         """Position of ``timestep`` in the schedule; the second where it occurs twice (Heun's doubled
         table, or a run entered mid-schedule), so that no noise level is skipped. Raises ValueError
