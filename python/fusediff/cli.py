@@ -98,14 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    import torch
-
     from . import DDIMPipeline, DDPMPipeline, DDPMScheduler, PNDMPipeline
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
-    source = args.model if args.model is not None else DIGITS_MODEL
-    loaded = _from_pretrained(source, args)
+    source, loaded = _from_pretrained(args)
     if _is_text_pipeline(loaded):
         raise CliError(f"{str(source)!r} holds a text-to-image {type(loaded).__name__}: pass --prompt")
     if not hasattr(loaded, "unet") or not hasattr(loaded, "scheduler"):
@@ -117,15 +112,19 @@ def _load_pipeline(args: argparse.Namespace):
     return pipe
 
 
-def _from_pretrained(source, args: argparse.Namespace):
+def _from_pretrained(args: argparse.Namespace):
+    """(source, pipeline): ``--model`` (default: the shipped digits model) loaded in ``--dtype``."""
     import torch
 
     from . import DiffusionPipeline
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
     if args.quiet:
         _quiet_transformers()
+    source = args.model if args.model is not None else DIGITS_MODEL
     try:
-        return DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, DTYPES[args.dtype]))
+        return source, DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, DTYPES[args.dtype]))
     except (OSError, ValueError, TypeError, ImportError) as e:
         raise CliError(f"cannot load model {str(source)!r}: {e}") from None
 
@@ -164,16 +163,11 @@ def _quiet_transformers() -> None:
 
 def _load_text_pipeline(args: argparse.Namespace):
     """The model as a text-to-image pipeline on the chosen device, with the chosen scheduler."""
-    import torch
-
     import fusediff
 
     from .pipelines.pipeline_stable_diffusion import StableDiffusionPipeline
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
-    source = args.model if args.model is not None else DIGITS_MODEL
-    pipe = _from_pretrained(source, args)
+    source, pipe = _from_pretrained(args)
     if not _is_text_pipeline(pipe):
         raise CliError(f"{str(source)!r} holds a {type(pipe).__name__}, which takes no prompt; drop --prompt")
     if isinstance(pipe, fusediff.LDMTextToImagePipeline) and args.negative_prompt is not None:

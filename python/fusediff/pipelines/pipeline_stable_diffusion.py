@@ -185,6 +185,7 @@ class StableDiffusionBase(DiffusionPipeline):
         warmup = len(timesteps) - num_inference_steps * order
         self._num_timesteps = len(timesteps)
         timestep_cond = self._timestep_cond(state["latents"].shape[0], state["latents"].dtype)
+        extra = {"timestep_cond": timestep_cond} if timestep_cond is not None else {}
         with self.progress_bar(total=num_inference_steps) as bar:
             for i, t in enumerate(timesteps):
                 latents = state["latents"]
@@ -192,7 +193,6 @@ class StableDiffusionBase(DiffusionPipeline):
                 x = self.scheduler.scale_model_input(x, t)
                 if model_input is not None:
                     x = model_input(x, state)
-                extra = {"timestep_cond": timestep_cond} if timestep_cond is not None else {}
                 noise_pred = self.unet(x, t, encoder_hidden_states=state["prompt_embeds"], **extra).sample
                 if self.do_classifier_free_guidance:
                     noise_pred, noise_text = tc.guide(noise_pred, self._guidance_scale)
