@@ -23,6 +23,7 @@ import importlib
 import inspect
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +65,28 @@ def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
     if pixels.shape[-1] == 1:
         return [PIL.Image.fromarray(p[..., 0], mode="L") for p in pixels]
     return [PIL.Image.fromarray(p) for p in pixels]
+
+
+def check_output_type(output_type: str, allowed: tuple[str, ...] = OUTPUT_TYPES) -> None:
+    """ValueError unless ``output_type`` is one of ``allowed``."""
+    if output_type not in allowed:
+        raise ValueError(f"output_type must be one of {', '.join(allowed)}; got {output_type!r}")
+
+
+def postprocess_images(image: torch.Tensor, output_type: str, do_denormalize: Sequence[bool] | None = None) -> Any:
+    """(B, C, H, W) model or decoder output in [-1, 1] to PIL images, a (B, H, W, C) float32 array, a
+    (B, C, H, W) tensor in [0, 1], or the input itself (``"latent"``). ``do_denormalize[i] = False``
+    leaves image i as it is (a safety checker's black image)."""
+    if output_type == "latent":
+        return image
+    if do_denormalize is None:
+        image = (image * 0.5 + 0.5).clamp(0, 1)
+    else:
+        image = torch.stack([(x * 0.5 + 0.5).clamp(0, 1) if d else x for x, d in zip(image, do_denormalize)])
+    if output_type == "pt":
+        return image
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    return numpy_to_pil(array) if output_type == "pil" else array
 
 
 def _library_of(component: Any) -> tuple[str | None, str | None]:

@@ -29,11 +29,12 @@ import PIL.Image
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .pipeline_utils import numpy_to_pil
+from . import pipeline_utils
+from .pipeline_utils import postprocess_images
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OUTPUT_TYPES = (*pipeline_utils.OUTPUT_TYPES, "latent")
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -218,8 +219,7 @@ def image_size(height: int | None, width: int | None, default: tuple[int, int], 
 
 
 def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+    pipeline_utils.check_output_type(output_type, OUTPUT_TYPES)
 
 
 # -- the VAE -----------------------------------------------------------------------------------
@@ -324,17 +324,6 @@ def preprocess_image(image: Any, height: int | None = None, width: int | None = 
 
 
 def postprocess(image: torch.Tensor, output_type: str, do_denormalize: Sequence[bool] | None = None) -> Any:
-    """(B, C, H, W) decoder output in [-1, 1] to PIL images, a (B, H, W, C) float32 array, a (B, C, H, W)
-    tensor in [0, 1], or the input itself (``"latent"``). ``do_denormalize[i] = False`` leaves image i
-    as it is (a safety checker's black image)."""
+    """:func:`~fusediff.pipelines.pipeline_utils.postprocess_images` after checking ``output_type``."""
     check_output_type(output_type)
-    if output_type == "latent":
-        return image
-    if do_denormalize is None:
-        image = (image * 0.5 + 0.5).clamp(0, 1)
-    else:
-        image = torch.stack([(x * 0.5 + 0.5).clamp(0, 1) if d else x for x, d in zip(image, do_denormalize)])
-    if output_type == "pt":
-        return image
-    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-    return numpy_to_pil(array) if output_type == "pil" else array
+    return postprocess_images(image, output_type, do_denormalize)

@@ -13,16 +13,7 @@ from typing import Any
 import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
-from .pipeline_utils import OUTPUT_TYPES, DiffusionPipeline, ImagePipelineOutput
-
-
-def postprocess_images(image: torch.Tensor, output_type: str) -> Any:
-    """(B, C, H, W) in [-1, 1] to PIL images, a (B, H, W, C) float numpy array, or a (B, C, H, W) tensor in [0, 1]."""
-    image = (image / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return image
-    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-    return DiffusionPipeline.numpy_to_pil(array) if output_type == "pil" else array
+from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, check_output_type, postprocess_images
 
 
 class UnconditionalImagePipeline(DiffusionPipeline):
@@ -35,8 +26,7 @@ class UnconditionalImagePipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
         if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}; pass one per image")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+        check_output_type(output_type)
 
     def _sample_shape(self, batch_size: int) -> tuple[int, ...]:
         size = self.unet.config.sample_size
