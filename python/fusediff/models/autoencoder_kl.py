@@ -34,7 +34,8 @@ from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator
 from .attention import convert_legacy_attention_keys
-from .vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder, check_image, check_positive_int, is_int
+from .unet_2d_checks import is_int
+from .vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder, check_image, check_positive_int
 
 
 @dataclasses.dataclass

@@ -14,28 +14,52 @@ from typing import Any
 import torch
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _positive_int(config: Mapping[str, Any], key: str, optional: bool = False) -> None:
+def positive_int(config: Mapping[str, Any], key: str, optional: bool = False) -> None:
     value = config[key]
     if optional and value is None:
         return
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{key} must be a positive int{' or None' if optional else ''}; got {value!r}")
 
 
-def _one_of(config: Mapping[str, Any], key: str, allowed: Sequence[Any]) -> None:
+def one_of(config: Mapping[str, Any], key: str, allowed: Sequence[Any]) -> None:
     if config[key] not in allowed:
         raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}; got {config[key]!r}")
 
 
-def _sequence(config: Mapping[str, Any], key: str) -> list[Any]:
+def sequence_value(config: Mapping[str, Any], key: str) -> list[Any]:
     value = config[key]
     if isinstance(value, str) or not isinstance(value, Sequence) or len(value) == 0:
         raise ValueError(f"{key} must be a non-empty list or tuple; got {value!r}")
     return list(value)
+
+
+def check_levels(config: Mapping[str, Any], down_types: Sequence[str], up_types: Sequence[str],
+                 model: str) -> list[int]:
+    """The UNet's ``block_out_channels``, after checking them, one supported down and up block type per
+    level (``UNetRes`` prefixes allowed), and that ``norm_num_groups`` divides every width."""
+    channels = sequence_value(config, "block_out_channels")
+    if not all(is_int(c) and c > 0 for c in channels):
+        raise ValueError(f"block_out_channels must hold positive ints; got {channels!r}")
+    for key, supported in (("down_block_types", down_types), ("up_block_types", up_types)):
+        types = sequence_value(config, key)
+        if len(types) != len(channels):
+            raise ValueError(f"{key} has {len(types)} entries but block_out_channels has {len(channels)}; "
+                             "there must be one block type per resolution")
+        bad = [t for t in types if not isinstance(t, str) or t.removeprefix("UNetRes") not in supported]
+        if bad:
+            raise ValueError(f"{key}: block type {bad[0]!r} is not supported by fusediff's {model} "
+                             f"(supported: {', '.join(supported)})")
+    groups = config["norm_num_groups"]
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(f"norm_num_groups={groups} must divide every entry of block_out_channels; "
+                         f"{', '.join(map(str, bad))} is not divisible")
+    return channels
 
 
 def check_config(config: Mapping[str, Any], *, down_types: Sequence[str], up_types: Sequence[str],
@@ -43,37 +67,19 @@ def check_config(config: Mapping[str, Any], *, down_types: Sequence[str], up_typ
                  class_embed_types: Sequence[str | None], time_embedding_norms: Sequence[str]) -> None:
     """Raise ValueError naming the first key of a UNet2DModel ``config`` that cannot build a working model."""
     for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
-        _positive_int(config, key)
+        positive_int(config, key)
     for key in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_class_embeds"):
-        _positive_int(config, key, optional=True)
-    channels = _sequence(config, "block_out_channels")
-    if not all(_is_int(c) and c > 0 for c in channels):
-        raise ValueError(f"block_out_channels must hold positive ints; got {channels!r}")
-    for key, supported in (("down_block_types", down_types), ("up_block_types", up_types)):
-        types = _sequence(config, key)
-        if len(types) != len(channels):
-            raise ValueError(f"{key} has {len(types)} entries but block_out_channels has {len(channels)}; "
-                             "there must be one block type per resolution")
-        for block_type in types:
-            name = block_type[len("UNetRes"):] if isinstance(block_type, str) and block_type.startswith(
-                "UNetRes") else block_type
-            if name not in supported:
-                raise ValueError(f"{key}: block type {block_type!r} is not supported by fusediff's UNet2DModel "
-                                 f"(supported: {', '.join(supported)})")
-    _one_of(config, "mid_block_type", (None, *mid_types))
-    _one_of(config, "time_embedding_type", time_embedding_types)
-    _one_of(config, "class_embed_type", class_embed_types)
-    _one_of(config, "resnet_time_scale_shift", time_embedding_norms)
-    _one_of(config, "downsample_type", (None, "conv", "resnet"))
-    _one_of(config, "upsample_type", (None, "conv", "resnet"))
+        positive_int(config, key, optional=True)
+    channels = check_levels(config, down_types, up_types, "UNet2DModel")
+    one_of(config, "mid_block_type", (None, *mid_types))
+    one_of(config, "time_embedding_type", time_embedding_types)
+    one_of(config, "class_embed_type", class_embed_types)
+    one_of(config, "resnet_time_scale_shift", time_embedding_norms)
+    one_of(config, "downsample_type", (None, "conv", "resnet"))
+    one_of(config, "upsample_type", (None, "conv", "resnet"))
     if config["time_embedding_type"] == "learned":
-        _positive_int(config, "num_train_timesteps")
+        positive_int(config, "num_train_timesteps")
 
-    groups = config["norm_num_groups"]
-    bad = [c for c in channels if c % groups]
-    if bad:
-        raise ValueError(f"norm_num_groups={groups} must divide every entry of block_out_channels; "
-                         f"{', '.join(map(str, bad))} is not divisible")
     attn_groups = config["attn_norm_num_groups"]
     if attn_groups is not None and channels[-1] % attn_groups:
         raise ValueError(f"attn_norm_num_groups={attn_groups} must divide block_out_channels[-1]={channels[-1]}")

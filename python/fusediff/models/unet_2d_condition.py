@@ -46,7 +46,7 @@ from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps,
 from .normalization import GroupNorm
 from .transformer_2d import refuse_unsupported
 from .unet_2d import UNet2DModel
-from .unet_2d_checks import _is_int, timesteps_for_batch
+from .unet_2d_checks import is_int, timesteps_for_batch
 from .unet_2d_condition_blocks import MODEL, check_config, get_down_block, get_mid_block, get_up_block, per_block
 
 
@@ -176,7 +176,7 @@ class UNet2DConditionModel(ModelMixin):
         depth = each["transformer_layers_per_block"][-1]
         self.mid_block = get_mid_block(
             mid_block_type, in_channels=channels[-1], output_scale_factor=mid_block_scale_factor,
-            transformer_layers_per_block=depth if _is_int(depth) else depth[0], **at(-1), **resnet)
+            transformer_layers_per_block=depth if is_int(depth) else depth[0], **at(-1), **resnet)
 
         # up block i mirrors down block j = n - 1 - i: channels[j + 1] (+ skips) -> channels[j], then double
         reversed_depths = reverse_transformer_layers_per_block or each["transformer_layers_per_block"][::-1]

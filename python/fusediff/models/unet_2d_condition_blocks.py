@@ -32,7 +32,7 @@ from .resnet import TIME_EMBEDDING_NORMS
 from .transformer_2d import Transformer2DModel
 from .unet_2d_blocks import DownBlock2D, MakeAttention, UNetMidBlock2D, UpBlock2D, _block_name, _DownBlock, \
     _MidBlock, _UpBlock
-from .unet_2d_checks import _is_int, _one_of, _positive_int, _sequence
+from .unet_2d_checks import is_int, one_of, positive_int, check_levels
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -218,7 +218,7 @@ def per_block(config: Mapping[str, Any], key: str, n: int, ok: Callable[[Any], b
 def _depth(value: Any) -> bool:
     """Whether ``value`` is a transformer depth: an int >= 0, or a list of them (one per layer)."""
     values = value if isinstance(value, (list, tuple)) else [value]
-    return all(_is_int(v) and v >= 0 for v in values)
+    return all(is_int(v) and v >= 0 for v in values)
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -229,29 +229,18 @@ def check_config(config: Mapping[str, Any]) -> None:
                                       f"(it must be {neutral!r})")
     if config["class_embed_type"] in ("projection", "simple_projection"):
         raise NotImplementedError(f"{MODEL}: class_embed_type={config['class_embed_type']!r} is not supported")
-    _one_of(config, "class_embed_type", (None, "timestep", "identity"))
-    _one_of(config, "time_embedding_type", ("positional", "fourier"))
-    _one_of(config, "resnet_time_scale_shift", TIME_EMBEDDING_NORMS)
-    _one_of(config, "mid_block_type", (None, *MID_BLOCK_TYPES))
+    one_of(config, "class_embed_type", (None, "timestep", "identity"))
+    one_of(config, "time_embedding_type", ("positional", "fourier"))
+    one_of(config, "resnet_time_scale_shift", TIME_EMBEDDING_NORMS)
+    one_of(config, "mid_block_type", (None, *MID_BLOCK_TYPES))
     for key in ("in_channels", "out_channels", "norm_num_groups"):
-        _positive_int(config, key)
+        positive_int(config, key)
     for key in ("time_embedding_dim", "time_cond_proj_dim", "num_class_embeds"):
-        _positive_int(config, key, optional=True)
-    channels = _sequence(config, "block_out_channels")
-    if not all(_is_int(c) and c > 0 for c in channels):
-        raise ValueError(f"block_out_channels must hold positive ints; got {channels!r}")
+        positive_int(config, key, optional=True)
+    channels = check_levels(config, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, MODEL)
     n = len(channels)
-    for key, supported in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-        types = _sequence(config, key)
-        if len(types) != n:
-            raise ValueError(f"{key} has {len(types)} entries but block_out_channels has {n}; there must be one "
-                             "block type per resolution")
-        bad = [t for t in types if not isinstance(t, str) or t.removeprefix("UNetRes") not in supported]
-        if bad:
-            raise ValueError(f"{key}: block type {bad[0]!r} is not supported by fusediff's {MODEL} "
-                             f"(supported: {', '.join(supported)})")
     for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim"):
-        per_block(config, key, n, lambda v: _is_int(v) and v > 0, "a positive int")
+        per_block(config, key, n, lambda v: is_int(v) and v > 0, "a positive int")
     per_block(config, "only_cross_attention", n, lambda v: isinstance(v, bool), "a bool")
     depths = per_block(config, "transformer_layers_per_block", n, _depth, "an int >= 0 (or a list per layer)")
     if config["reverse_transformer_layers_per_block"] is not None:
@@ -260,12 +249,8 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise ValueError("transformer_layers_per_block with a list per block needs "
                          "reverse_transformer_layers_per_block")
     for key in ("conv_in_kernel", "conv_out_kernel"):
-        if not _is_int(config[key]) or config[key] < 1 or config[key] % 2 == 0:
+        if not is_int(config[key]) or config[key] < 1 or config[key] % 2 == 0:
             raise ValueError(f"{key} must be a positive odd int (the convs keep the size); got {config[key]!r}")
-    bad = [c for c in channels if c % config["norm_num_groups"]]
-    if bad:
-        raise ValueError(f"norm_num_groups={config['norm_num_groups']} must divide every entry of block_out_channels; "
-                         f"{bad[0]} is not divisible")
     check_activation(config["act_fn"])
     if config["time_embedding_act_fn"] is not None:
         check_activation(config["time_embedding_act_fn"], "time_embedding_act_fn")

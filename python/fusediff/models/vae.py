@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +34,7 @@ from ..utils.torch_utils import Generator, randn_tensor
 from .activations import check_activation
 from .normalization import GroupNorm
 from .unet_2d_blocks import UNetMidBlock2D
+from .unet_2d_checks import is_int
 from .vae_blocks import DECODER_BLOCK_TYPES, ENCODER_BLOCK_TYPES, DownEncoderBlock2D, UpDecoderBlock2D
 
 NORM_TYPES = ("group", "spatial")
@@ -46,11 +46,6 @@ class DecoderOutput(BaseOutput):
 
     sample: torch.Tensor
     commit_loss: torch.Tensor | None = None
-
-
-def is_int(value) -> bool:
-    """Whether ``value`` is an integer (a bool is not)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_positive_int(owner: str, key: str, value, optional: bool = False) -> None:
