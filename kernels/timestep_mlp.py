@@ -103,9 +103,8 @@ def _kernels() -> ModuleType:
 
 def _use_fused(x: torch.Tensor, tensors) -> bool:
     """Whether a call with timesteps ``x`` runs the Triton kernels (weights aside): no autograd, no autocast."""
-    if torch.is_autocast_enabled(x.device.type):  # autocast would give linear's output another dtype
-        return False
-    return _backend.use_triton(x, _TIMESTEP_DTYPES, tensors)
+    # autocast would give linear's output another dtype (asked only of devices the kernels run on)
+    return _backend.use_triton(x, _TIMESTEP_DTYPES, tensors) and not torch.is_autocast_enabled(x.device.type)
 
 
 def timestep_mlp_runs_fused(timesteps: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

@@ -18,11 +18,14 @@ which is f for every LDM checkpoint).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..utils.torch_utils import Generator
 from . import text_conditioning as tc
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from .runtime import in_layout, loop_timesteps
 
 
 class LDMTextToImagePipeline(DiffusionPipeline):
@@ -66,14 +69,19 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         latents = tc.prepare_latents(shape, context.dtype, self.device, generator, latents,
                                      self.scheduler.init_noise_sigma)
+        latents = in_layout(latents, self.unet)
         step_kwargs = tc.step_kwargs(self.scheduler, generator, eta)
+        scale = tc.scale_tensor(guidance_scale, self.unet.dtype, self.device)
+        predict, graphed = self._graphed(functools.partial(tc.guided_prediction, self.unet), "unet step", self.unet)
+        host_timesteps, timesteps = loop_timesteps(self.scheduler.timesteps, self.device)
         # 4. z_{t-1} = step(guided eps, t, z_t)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t_host in enumerate(self.progress_bar(host_timesteps)):
             x = torch.cat([latents] * 2) if guided else latents
-            noise_pred = self.unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=context).sample
-            if guided:
-                noise_pred, _ = tc.guide(noise_pred, guidance_scale)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            x = self.scheduler.scale_model_input(x, t_host)
+            noise_pred = predict(x, timesteps[i], context, scale, None, guided)
+            if graphed:  # the graph's output buffer is overwritten next step; schedulers may keep it
+                noise_pred = noise_pred.clone()
+            latents = self.scheduler.step(noise_pred, t_host, latents, **step_kwargs).prev_sample
         if output_type == "latent":
             return ImagePipelineOutput(images=latents) if return_dict else (latents,)
         # 5. decode; diffusers multiplies by 1 / scaling_factor, kept for bit-equal latents

@@ -22,6 +22,7 @@ Left out: LoRA, textual inversion, IP-Adapter, ``cross_attention_kwargs``, the d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator
 from . import text_conditioning as tc
 from .pipeline_utils import DiffusionPipeline
+from .runtime import in_layout, loop_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -178,27 +180,31 @@ class StableDiffusionBase(DiffusionPipeline):
         ``model_input`` extends the UNet input (inpainting's mask channels), ``after_step(i, state)``
         returns replacement latents after each step (inpainting's blend). The callback gets
         ``(pipeline, i, t, {name: tensor})`` and may return replacements for those tensors.
+        Nothing in the loop reads a value back from the device (see :mod:`.runtime`).
         """
         if hasattr(callback_on_step_end, "tensor_inputs"):  # diffusers' PipelineCallback objects
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         order = getattr(self.scheduler, "order", 1)
         warmup = len(timesteps) - num_inference_steps * order
         self._num_timesteps = len(timesteps)
+        state["latents"] = in_layout(state["latents"], self.unet)
         timestep_cond = self._timestep_cond(state["latents"].shape[0], state["latents"].dtype)
-        extra = {"timestep_cond": timestep_cond} if timestep_cond is not None else {}
+        guided = self.do_classifier_free_guidance
+        scale = tc.scale_tensor(self._guidance_scale, self.unet.dtype, self.device)
+        predict, graphed = self._graphed(functools.partial(tc.guided_prediction, self.unet), "unet step", self.unet)
+        host_timesteps, timesteps = loop_timesteps(timesteps, self.device)
         with self.progress_bar(total=num_inference_steps) as bar:
-            for i, t in enumerate(timesteps):
+            for i, t_host in enumerate(host_timesteps):
+                t = timesteps[i]  # the model reads the device copy, the scheduler the host one
                 latents = state["latents"]
-                x = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                x = self.scheduler.scale_model_input(x, t)
+                x = torch.cat([latents] * 2) if guided else latents
+                x = self.scheduler.scale_model_input(x, t_host)
                 if model_input is not None:
                     x = model_input(x, state)
-                noise_pred = self.unet(x, t, encoder_hidden_states=state["prompt_embeds"], **extra).sample
-                if self.do_classifier_free_guidance:
-                    noise_pred, noise_text = tc.guide(noise_pred, self._guidance_scale)
-                    if guidance_rescale > 0:
-                        noise_pred = tc.rescale_guidance(noise_pred, noise_text, guidance_rescale)
-                state["latents"] = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+                noise_pred = predict(x, t, state["prompt_embeds"], scale, timestep_cond, guided, guidance_rescale)
+                if graphed:  # the graph's output buffer is overwritten next step; schedulers may keep it
+                    noise_pred = noise_pred.clone()
+                state["latents"] = self.scheduler.step(noise_pred, t_host, latents, **step_kwargs).prev_sample
                 if after_step is not None:
                     state["latents"] = after_step(i, state)
                 if callback_on_step_end is not None:

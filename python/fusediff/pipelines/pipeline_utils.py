@@ -37,6 +37,7 @@ from ..hub import PICKLE_PATTERNS, resolve_directory
 from ..modeling import ModelMixin
 from ..utils.io import atomic_directory, contained_path, read_json, write_json
 from ..utils.outputs import BaseOutput
+from .runtime import SamplingRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,9 @@ def _resolve_class(library: str, class_name: str, component: str) -> type:
     return cls
 
 
-class DiffusionPipeline(ConfigMixin):
-    """Base of pipelines: holds components, moves them between devices, saves and loads them."""
+class DiffusionPipeline(SamplingRuntime, ConfigMixin):
+    """Base of pipelines: holds components, moves them between devices, saves and loads them; the
+    loop's run-time choices (CUDA graphs) come from :class:`~fusediff.pipelines.runtime.SamplingRuntime`."""
 
     config_name = "model_index.json"
     # Constructor arguments stored in model_index.json as plain values, not [library, class] pairs.

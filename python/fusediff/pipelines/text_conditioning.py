@@ -110,10 +110,37 @@ def repeat_per_prompt(embeds: torch.Tensor, num_images_per_prompt: int) -> torch
 
 
 # -- guidance ----------------------------------------------------------------------------------
-def guide(noise_pred: torch.Tensor, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier-free guidance on a (2B, ...) prediction, unconditional half first; returns (eps, eps_text)."""
+def guide(noise_pred: torch.Tensor, guidance_scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance on a (2B, ...) prediction, unconditional half first; returns (eps, eps_text).
+
+    ``guidance_scale`` may be a 0-d float32 tensor on the prediction's device (what a CUDA graph
+    replays with a new scale): a half-precision prediction is then guided in float32 and rounded
+    once, where a Python scale is applied in the prediction's dtype as diffusers applies it.
+    """
     uncond, text = noise_pred.chunk(2)
+    if isinstance(guidance_scale, torch.Tensor) and guidance_scale.dtype != noise_pred.dtype:
+        guided = uncond.to(guidance_scale.dtype) + guidance_scale * (text - uncond).to(guidance_scale.dtype)
+        return guided.to(noise_pred.dtype), text
     return uncond + guidance_scale * (text - uncond), text
+
+
+def guided_prediction(unet: Any, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                      scale: torch.Tensor, timestep_cond: torch.Tensor | None, guided: bool,
+                      guidance_rescale: float = 0.0) -> torch.Tensor:
+    """A step's model call and classifier-free guidance: what a pipeline's CUDA graph captures. Every
+    value that changes between steps or calls (x, t, embeddings, scale) is a tensor argument."""
+    extra = {"timestep_cond": timestep_cond} if timestep_cond is not None else {}
+    noise_pred = unet(x, t, encoder_hidden_states=prompt_embeds, **extra).sample
+    if guided:
+        noise_pred, noise_text = guide(noise_pred, scale)
+        if guidance_rescale > 0:
+            noise_pred = rescale_guidance(noise_pred, noise_text, guidance_rescale)
+    return noise_pred
+
+
+def scale_tensor(guidance_scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``guidance_scale`` as a 0-d tensor on ``device`` for :func:`guide`: float32, or ``dtype`` if wider."""
+    return torch.full((), guidance_scale, dtype=torch.promote_types(dtype, torch.float32), device=device)
 
 
 def rescale_guidance(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -137,7 +164,8 @@ def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.d
 def retrieve_timesteps(scheduler: Any, num_inference_steps: int | None, device: torch.device,
                        timesteps: Sequence[int] | None = None,
                        sigmas: Sequence[float] | None = None) -> tuple[torch.Tensor, int]:
-    """Set the scheduler's timesteps (a count, or custom timesteps or sigmas); returns them and the step count."""
+    """Set the scheduler's timesteps (a count, or custom timesteps or sigmas); returns them, on the
+    CPU (the loop steps with them there), and the step count."""
     if timesteps is not None and sigmas is not None:
         raise ValueError("pass custom timesteps or custom sigmas, not both")
     custom = {"timesteps": timesteps} if timesteps is not None else {"sigmas": sigmas} if sigmas is not None else {}
@@ -146,11 +174,17 @@ def retrieve_timesteps(scheduler: Any, num_inference_steps: int | None, device: 
         if name not in inspect.signature(scheduler.set_timesteps).parameters:
             raise ValueError(f"{type(scheduler).__name__}.set_timesteps takes no custom {name}")
         scheduler.set_timesteps(device=device, **custom)
-        return scheduler.timesteps, len(scheduler.timesteps)
+        return host_timesteps(scheduler), len(scheduler.timesteps)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
     scheduler.set_timesteps(num_inference_steps, device=device)
-    return scheduler.timesteps, num_inference_steps
+    return host_timesteps(scheduler), num_inference_steps
+
+
+def host_timesteps(scheduler: Any) -> torch.Tensor:
+    """The scheduler's timesteps on the CPU: fusediff schedulers keep a copy; others' are copied back."""
+    host = getattr(scheduler, "host_timesteps", None)
+    return host if isinstance(host, torch.Tensor) else scheduler.timesteps.cpu()
 
 
 def strength_timesteps(scheduler: Any, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
@@ -163,7 +197,7 @@ def strength_timesteps(scheduler: Any, num_inference_steps: int, strength: float
     if remaining < 1:
         raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves no step to run; "
                          "raise strength or num_inference_steps")
-    return scheduler.timesteps[t_start * order:], remaining
+    return host_timesteps(scheduler)[t_start * order:], remaining
 
 
 def step_kwargs(scheduler: Any, generator: Generator, eta: float) -> dict[str, Any]:

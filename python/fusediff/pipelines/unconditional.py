@@ -14,6 +14,7 @@ import torch
 
 from ..utils.torch_utils import Generator, randn_tensor
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, check_output_type, postprocess_images
+from .runtime import in_layout, loop_timesteps
 
 
 class UnconditionalImagePipeline(DiffusionPipeline):
@@ -33,6 +34,10 @@ class UnconditionalImagePipeline(DiffusionPipeline):
         spatial = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, self.unet.config.in_channels, *spatial)
 
+    def _prediction(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The step's model call: what :meth:`enable_cuda_graph` captures."""
+        return self.unet(x, t).sample
+
     def _run(self, batch_size: int, num_inference_steps: int, generator: Generator, output_type: str,
              return_dict: bool, noise_dtype: torch.dtype | None,
              step_kwargs: dict[str, Any] | None = None) -> ImagePipelineOutput | tuple:
@@ -42,11 +47,16 @@ class UnconditionalImagePipeline(DiffusionPipeline):
         # 1. x_T ~ N(0, I), drawn as diffusers draws it
         image = randn_tensor(self._sample_shape(batch_size), generator=generator, device=self.device,
                              dtype=noise_dtype).to(self.unet.dtype)
-        # 2. the timesteps of this run
+        image = in_layout(image, self.unet)
+        # 2. the timesteps of this run: the scheduler steps with the host copy, the model reads the device one
         self.scheduler.set_timesteps(num_inference_steps)
+        host_timesteps, timesteps = loop_timesteps(self.scheduler.timesteps, self.device)
+        predict, graphed = self._graphed(self._prediction, "unet step", self.unet)
         # 3. x_{t-1} = step(model(x_t, t), t, x_t)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_output = self.unet(image, t).sample
-            image = self.scheduler.step(model_output, t, image, **(step_kwargs or {})).prev_sample
+        for i, t_host in enumerate(self.progress_bar(host_timesteps)):
+            model_output = predict(image, timesteps[i])
+            if graphed:  # the graph's output buffer is overwritten next step; PNDM keeps earlier outputs
+                model_output = model_output.clone()
+            image = self.scheduler.step(model_output, t_host, image, **(step_kwargs or {})).prev_sample
         images = postprocess_images(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -79,7 +79,7 @@ class DDIMScheduler(AlphaBarScheduler):
         n = check_num_inference_steps(num_inference_steps, T)
         timesteps = spaced_timesteps(T, n, self.config.timestep_spacing, self.config.steps_offset)
         self.num_inference_steps = n
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._set_run_timesteps(torch.from_numpy(timesteps), device)
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         return dynamic_threshold(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)

@@ -110,7 +110,7 @@ class DDPMScheduler(AlphaBarScheduler):
             array = spaced_timesteps(T, n, self.config.timestep_spacing, self.config.steps_offset)
             self.num_inference_steps = n
             self.custom_timesteps = False
-        self.timesteps = torch.from_numpy(array).to(device)
+        self._set_run_timesteps(torch.from_numpy(array), device)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep after ``timestep`` in this run (-1 after the last one)."""
@@ -118,7 +118,7 @@ class DDPMScheduler(AlphaBarScheduler):
         if not (self.custom_timesteps or self.num_inference_steps):
             return t - 1
         if self._positions[0] is not self.timesteps:  # index of each timestep, rebuilt when timesteps change
-            order = [int(v) for v in self.timesteps.tolist()]
+            order = [int(v) for v in self.host_timesteps.tolist()]
             first: dict[int, int] = {}
             for i, v in enumerate(order):
                 first.setdefault(v, i)

@@ -35,6 +35,7 @@ import torch
 
 from ..kernels import scheduler_step
 from ..kernels.scheduler_step_coeffs import StepCoeffs, prediction_coeffs, vp_from_sigma
+from ..utils.torch_utils import to_device
 from .scheduling_utils import (ZERO_SNR_ALPHA_BAR, SchedulerMixin, StepIndexMixin, alpha_bar_tables,
                                check_num_inference_steps, dynamic_threshold, like, step_inputs)
 from .sigmas import resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
@@ -199,7 +200,7 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
                 ts = ts.round()
         final = self._final_sigma(sigmas, schedule)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [final]]).astype(np.float32))
-        self.timesteps = torch.from_numpy(ts).to(device=device, dtype=torch.int64)
+        self._set_run_timesteps(torch.from_numpy(ts).to(torch.int64), device)
         self.num_inference_steps = len(ts)
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
@@ -336,15 +337,14 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
         Before ``set_timesteps`` the level is the trained one of each timestep.
         """
         timesteps = torch.as_tensor(timesteps).reshape(-1)
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
         if self.num_inference_steps is None:
             T = self.config.num_train_timesteps
             if timesteps.min() < 0 or timesteps.max() >= T:
                 raise ValueError(f"timesteps must lie in [0, {T}); got {timesteps.tolist()}")
             indices = timesteps.long().tolist()
         else:
-            indices = self._noise_indices(timesteps, original_samples.device)
-        sigma = sigmas[indices].flatten()
+            indices = self._noise_indices(timesteps, self.sigmas.device)
+        sigma = to_device(self.sigmas[indices].flatten().to(original_samples.dtype), original_samples.device)
         sigma = sigma.reshape(sigma.shape + (1,) * (original_samples.dim() - 1))  # (B, 1, ..., 1)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * original_samples + sigma_t * noise

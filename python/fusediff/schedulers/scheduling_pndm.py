@@ -112,7 +112,7 @@ class PNDMScheduler(AlphaBarScheduler):
                                           dtype=np.int64)
             self.plms_timesteps = desc[3:].copy()
         timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._set_run_timesteps(torch.from_numpy(timesteps), device)
         self.ets, self.prk_model_outputs, self.counter = [], [], 0
 
     def _check_ready(self) -> None:

@@ -37,6 +37,7 @@ import torch
 
 from ..kernels import scheduler_step
 from ..kernels.scheduler_step_coeffs import PREDICTION_TYPES, StepCoeffs
+from ..utils.torch_utils import to_device
 from .scheduling_utils import (TIMESTEP_SPACINGS, ZERO_SNR_ALPHA_BAR, AlphaBarScheduler, SchedulerOutput,
                                StepIndexMixin, check_num_inference_steps, like, spaced_timesteps, step_inputs)
 from .sigmas import resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
@@ -174,9 +175,9 @@ class SigmaScheduler(StepIndexMixin, AlphaBarScheduler):
         """Store the run's tables and reset its state; Heun overrides it to double them."""
         sigmas_t = torch.from_numpy(np.asarray(sigmas).astype(np.float32))  # kept on the CPU: read every step
         if self._log_sigma_timesteps:
-            self.timesteps = (0.25 * sigmas_t[:-1].log()).to(device)
+            self._set_run_timesteps(0.25 * sigmas_t[:-1].log(), device)
         else:
-            self.timesteps = torch.from_numpy(np.asarray(timesteps).astype(np.float32)).to(device)
+            self._set_run_timesteps(torch.from_numpy(np.asarray(timesteps).astype(np.float32)), device)
         self.sigmas = sigmas_t
         self._step_index = self._begin_index = None
         self.is_scale_input_called = False
@@ -241,10 +242,10 @@ class SigmaScheduler(StepIndexMixin, AlphaBarScheduler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x0 + sigma*noise: at each timestep's sigma in the schedule, or at the run's begin or current index."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
         timesteps = torch.as_tensor(timesteps).reshape(-1)
-        sigma = sigmas[self._noise_indices(timesteps, original_samples.device)].reshape((-1,) + (1,) * (original_samples.dim() - 1))  # (B, 1, ..., 1)
-        return original_samples + noise * sigma
+        sigma = self.sigmas[self._noise_indices(timesteps, self.sigmas.device)]  # looked up on the host
+        sigma = to_device(sigma.to(original_samples.dtype), original_samples.device)
+        return original_samples + noise * sigma.reshape((-1,) + (1,) * (original_samples.dim() - 1))  # (B, 1, ..., 1)
 
     @staticmethod
     def _upcast(sample: torch.Tensor, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ from ..configuration import ConfigMixin
 from ..kernels import scheduler_step
 from ..kernels.scheduler_step_coeffs import StepCoeffs
 from ..utils.outputs import BaseOutput
+from ..utils.torch_utils import to_device
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 # Schedulers over the same discrete alpha-bar table; each reads the others' configs (diffusers'
@@ -93,6 +94,21 @@ class SchedulerMixin(ConfigMixin):
         self.save_config(save_directory)
 
     @property
+    def host_timesteps(self) -> torch.Tensor:
+        """The run's ``timesteps`` on the CPU, for stepping without reading the device: a copy kept
+        when they were set (made anew, with a device read, only if ``timesteps`` was replaced)."""
+        cached = self.__dict__.get("_host_timesteps")
+        if cached is None or cached[0] is not self.timesteps:
+            cached = self._host_timesteps = (self.timesteps, self.timesteps.detach().cpu())
+        return cached[1]
+
+    def _set_run_timesteps(self, timesteps: torch.Tensor, device: str | torch.device | None = None) -> None:
+        """Install the run's ``timesteps`` (a CPU tensor) on ``device``, keeping the CPU copy
+        (:attr:`host_timesteps`) so that a sampling loop never reads them back from the device."""
+        self.timesteps = timesteps.to(device)
+        self._host_timesteps = (self.timesteps, timesteps)
+
+    @property
     def compatibles(self) -> list[type]:
         """This class and the fusediff scheduler classes that can be built from its config."""
         import fusediff
@@ -148,9 +164,9 @@ class StepIndexMixin:
         """Position of ``timestep`` in the schedule; the second where it occurs twice (Heun's doubled
         table, or a run entered mid-schedule), so that no noise level is skipped. Raises ValueError
         if it is not there."""
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        schedule = self.host_timesteps if schedule_timesteps is None else schedule_timesteps
         if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(schedule.device)
+            timestep = timestep.to(schedule.device)  # a device read when a device timestep meets the host table
         hits = (schedule == timestep).nonzero()
         if len(hits) == 0:
             raise ValueError(f"timestep {float(timestep)} is not in the schedule ({len(schedule)} timesteps from "
@@ -402,8 +418,12 @@ class AlphaBarScheduler(SchedulerMixin):
 
     def _sqrt_abar_terms(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha-bar_t) and sqrt(1 - alpha-bar_t), in x's dtype, shaped to broadcast over x."""
-        self.alphas_cumprod = self.alphas_cumprod.to(device=x.device)  # moved once, kept there
-        abar = self.alphas_cumprod.to(dtype=x.dtype)[torch.as_tensor(timesteps, device=x.device)].flatten()
+        timesteps = torch.as_tensor(timesteps)
+        if timesteps.device.type == "cpu":  # looked up on the host: a sampling loop never waits for the device
+            abar = to_device(self.alphas_cumprod.cpu()[timesteps].to(x.dtype).flatten(), x.device)
+        else:
+            self.alphas_cumprod = self.alphas_cumprod.to(device=x.device)  # moved once, kept there
+            abar = self.alphas_cumprod.to(dtype=x.dtype)[timesteps].flatten()
         shape = abar.shape + (1,) * (x.dim() - 1)  # (B, 1, ..., 1)
         return (abar**0.5).reshape(shape), ((1 - abar) ** 0.5).reshape(shape)
 

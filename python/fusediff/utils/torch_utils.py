@@ -39,5 +39,14 @@ def randn_tensor(shape: Sequence[int], generator: Generator = None, device: torc
         if len(gens) != shape[0]:
             raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}; pass one per sample")
         rows = [torch.randn((1,) + shape[1:], generator=g, device=draw_device, dtype=dtype) for g in gens]
-        return torch.cat(rows, dim=0).to(device)
-    return torch.randn(shape, generator=gens, device=draw_device, dtype=dtype).to(device)
+        return to_device(torch.cat(rows, dim=0), device)
+    return to_device(torch.randn(shape, generator=gens, device=draw_device, dtype=dtype), device)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor goes to a CUDA device through pinned memory without making
+    the host wait for the device (a plain copy from pageable memory synchronises the stream)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
