@@ -49,6 +49,8 @@ _EXPORTS = {
     "StableDiffusionInpaintPipeline": "pipelines",
     "LDMTextToImagePipeline": "pipelines",
     "StableDiffusionPipelineOutput": "pipelines",
+    "patch": "patching",
+    "unpatch": "patching",
 }
 
 __all__ = ["__version__", "kernels", *_EXPORTS]
