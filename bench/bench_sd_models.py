@@ -30,25 +30,10 @@ import harness  # noqa: E402
 
 from fusediff import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from fusediff import kernels as K  # noqa: E402
+from fusediff.benchmarks.models import SD15_UNET, SD_VAE, flops  # noqa: E402
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-              layers_per_block=2, sample_size=512)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 COLUMNS = ["model", "dtype", "impl", "ms", "graph_ms", "tflops", "roofline", "speedup", "max_rel_diff"]
-
-
-def flops(fn) -> float:
-    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention), by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 def pair(theirs_cls, ours_cls, config: dict, dtype: torch.dtype):

@@ -6,13 +6,16 @@
     fusediff sample --model DIR_OR_REPO --prompt TEXT [--negative-prompt TEXT] [--guidance S]
                     [--height H --width W] [--scheduler NAME] [--steps N] [--batch N] ...
     fusediff info
+    fusediff bench pipeline [--out DIR] [--rows ROW ...] [--columns COL ...] [--dtype fp16|bf16]
+                            [--steps N] [--compile-mode MODE] [--report]
 
 Without ``--model`` it samples the digits model shipped inside the package. With ``--prompt`` it
 runs a text-to-image pipeline (Stable Diffusion, LDM; needs ``pip install "fusediff[text]"``);
 ``--scheduler`` then takes any of TEXT_SCHEDULERS (default: the model's own), ``--batch`` is the
 number of images (default 1). The seed feeds a CPU generator, so a seed gives the same images on
 every device (up to arithmetic rounding). Bad arguments and missing models end with one line on
-stderr and exit status 2 or 1.
+stderr and exit status 2 or 1. ``fusediff bench pipeline`` times fusediff against HF diffusers on
+a CUDA GPU (see :mod:`fusediff.benchmarks.pipeline`) and appends rows to ``--out``/pipeline.csv.
 """
 
 from __future__ import annotations
@@ -94,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, help="write all images as one grid PNG here")
     out.add_argument("--out-dir", type=Path, help="write one PNG per image into this directory")
     sub.add_parser("info", help="print versions, devices and the kernel backend of each op")
+    b = sub.add_parser("bench", help="benchmark fusediff against HF diffusers on a CUDA GPU")
+    benchmarks = b.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    from .benchmarks import pipeline  # argparse and csv only: torch is imported when it runs
+
+    p = benchmarks.add_parser("pipeline", help="UNet step, VAE decode, text-to-image call and CIFAR-10 UNet: "
+                                               "diffusers eager/compile/patched against fusediff eager/graphs/compile")
+    pipeline.add_arguments(p, default_out=Path("."))
     return parser
 
 
@@ -299,12 +309,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarks import pipeline
+
+    try:
+        return pipeline.run(args)
+    except pipeline.BenchUnavailable as e:
+        raise CliError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusediff`` console script; returns the exit status."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return {"sample": cmd_sample, "info": cmd_info}[args.command](args)
+        return {"sample": cmd_sample, "info": cmd_info, "bench": cmd_bench}[args.command](args)
     except CliError as e:
         print(f"fusediff: error: {e}", file=sys.stderr)
         return e.status
