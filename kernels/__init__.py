@@ -9,6 +9,7 @@ from . import scheduler_step_coeffs
 from ._backend import BACKENDS, get_backend, use_backend
 from ._ext import has_cuda_kernels
 from .attention import attention, attention_ref
+from .geglu import geglu, geglu_ref
 from .group_norm import group_norm, group_norm_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 from .scheduler_step_coeffs import RULES, StepCoeffs, step_coeffs
@@ -22,6 +23,8 @@ __all__ = [
     "StepCoeffs",
     "attention",
     "attention_ref",
+    "geglu",
+    "geglu_ref",
     "get_backend",
     "group_norm",
     "group_norm_ref",

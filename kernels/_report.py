@@ -6,7 +6,7 @@ import importlib
 
 import torch
 
-OPS = ("scheduler_step", "group_norm", "attention", "timestep_embedding", "timestep_mlp")
+OPS = ("scheduler_step", "group_norm", "attention", "geglu", "timestep_embedding", "timestep_mlp")
 # What an op's fused path is, per device type, for ops whose module decides with ``_use_fused``.
 _FUSED = {
     "scheduler_step": {"cuda": "fused CUDA kernel (fusediff._C)", "cpu": "fused C++ loop (fusediff._C)"},
@@ -14,6 +14,7 @@ _FUSED = {
     "timestep_embedding": {"cuda": "Triton kernel (one launch)", "cpu": "Triton kernel in the interpreter"},
     "timestep_mlp": {"cuda": "Triton kernels (one or two launches)", "cpu": "Triton kernels in the interpreter"},
     "attention": {"cuda": "Triton flash-attention kernel", "cpu": "Triton flash-attention kernel in the interpreter"},
+    "geglu": {"cuda": "Triton kernel", "cpu": "Triton kernel in the interpreter"},
 }
 
 

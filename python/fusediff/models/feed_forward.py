@@ -12,8 +12,9 @@ arXiv:2002.05202) whose first projection is twice as wide and whose gate is its 
 ``activation_fn`` takes diffusers' names: ``"geglu"``, ``"geglu-approximate"`` (x W * sigmoid(1.702
 x W), the sigmoid approximation of GELU in Hendrycks & Gimpel 2016, arXiv:1606.08415, Sec. 2),
 ``"gelu"`` and ``"gelu-approximate"`` (tanh approximation). The module tree is diffusers'
-(``net.0.proj``, ``net.1`` dropout, ``net.2``), so checkpoints load in both. Plain torch ops; no
-fused kernel.
+(``net.0.proj``, ``net.1`` dropout, ``net.2``), so checkpoints load in both. GEGLU's gating runs
+:func:`fusediff.kernels.geglu` (one fused kernel on CUDA that reads the projection once, in
+float32 with one rounding); the other activations are plain torch ops.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import kernels
 
 FEED_FORWARD_ACTIVATIONS = ("geglu", "geglu-approximate", "gelu", "gelu-approximate")
 
@@ -38,15 +41,19 @@ class GELU(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """GELU-gated linear unit: one projection to 2 dim_out, the first half times GELU of the second."""
+    """GELU-gated linear unit: one projection to 2 dim_out, the first half times GELU of the second.
 
-    def __init__(self, dim_in: int, dim_out: int, bias: bool = True) -> None:
+    ``approximate`` ("none", diffusers' exact erf GELU, or "tanh") picks the GELU; it is not a weight
+    or config entry, so checkpoints are diffusers' (``proj.weight``, ``proj.bias``).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, bias: bool = True, approximate: str = "none") -> None:
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out, bias=bias)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim_in) -> (..., dim_out)
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return kernels.geglu(self.proj(x), approximate=self.approximate)  # value * gelu(gate), fused
 
 
 class ApproximateGELU(nn.Module):
