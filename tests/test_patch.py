@@ -38,8 +38,9 @@ def build(cls, config, seed=0):
 
 
 def spies(monkeypatch):
-    """Calls of fusediff's three kernels, by name."""
-    return {name: record_calls(monkeypatch, K, name) for name in ("group_norm", "attention", "timestep_embedding")}
+    """Calls of fusediff's kernels, by name."""
+    return {name: record_calls(monkeypatch, K, name)
+            for name in ("group_norm", "attention", "timestep_embedding", "geglu")}
 
 
 def counts(calls):
@@ -142,6 +143,7 @@ def test_stable_diffusion_pipeline_patched_agrees(monkeypatch, tmp_path):
     kinds = {name.split(".")[0] for name in report(pipe).patched}
     assert kinds == {"unet", "vae"}, kinds  # CLIP has nothing fusediff replaces
     assert len(calls["timestep_embedding"]) == 2 and len(calls["attention"]) > 0
+    assert len(calls["geglu"]) > 0  # the transformer blocks' feed-forward
 
 
 def test_channels_last_input_keeps_its_layout(monkeypatch):

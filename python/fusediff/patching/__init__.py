@@ -7,7 +7,8 @@ diffusers' and fusediff's pipelines have them) and, per instance, swaps in:
 - diffusers' ``ResnetBlock2D`` with SiLU: a forward with GroupNorm + SiLU fused, twice per block;
 - diffusers' ``Attention`` with one of its default processors: :class:`FusedAttnProcessor`
   (``attn.set_processor``), :func:`fusediff.kernels.attention` with any strides;
-- diffusers' ``Timesteps``: :func:`fusediff.kernels.timestep_embedding`, one launch.
+- diffusers' ``Timesteps``: :func:`fusediff.kernels.timestep_embedding`, one launch;
+- diffusers' ``GEGLU``: :func:`fusediff.kernels.geglu`, one launch after the projection.
 
 Classes are matched by name and module (``diffusers.*``), so diffusers is never imported here,
 and each instance's attributes are checked: a module of those classes whose shape is not the one
@@ -42,12 +43,12 @@ from typing import Any, TypeVar
 from torch import nn
 
 from .attention_processor import ATTENTION, FusedAttnProcessor
-from .forwards import GROUP_NORM, RESNET, TIMESTEPS, Target
+from .forwards import GEGLU, GROUP_NORM, RESNET, TIMESTEPS, Target
 
 __all__ = ["FusedAttnProcessor", "PatchReport", "patch", "patched", "report", "unpatch"]
 
 logger = logging.getLogger(__name__)
-TARGETS: tuple[Target, ...] = (GROUP_NORM, RESNET, ATTENTION, TIMESTEPS)
+TARGETS: tuple[Target, ...] = (GROUP_NORM, RESNET, ATTENTION, TIMESTEPS, GEGLU)
 T = TypeVar("T")
 
 

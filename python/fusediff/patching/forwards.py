@@ -11,6 +11,8 @@ Targets here (the attention processor is in ``attention_processor.py``):
   the rest as diffusers computes it (DDPM's residual block, Ho et al. 2020, Appendix B).
 - diffusers' ``Timesteps``: the sinusoid (Vaswani et al. 2017, Sec. 3.5) in one kernel, by
   fusediff's own ``Timesteps.forward`` (the attribute names are diffusers').
+- diffusers' ``GEGLU`` (Shazeer 2020): the projection, then h * gelu(gate) in one kernel
+  (:func:`fusediff.kernels.geglu`) instead of a GELU and a multiply.
 
 Limits: forward hooks on a ResnetBlock2D's ``norm1``/``norm2``/``nonlinearity`` do not run (the
 block calls the kernel directly). Under autocast a fused GroupNorm returns x's dtype where
@@ -176,3 +178,16 @@ def _timesteps_unsupported(module: nn.Module) -> str | None:
 
 TIMESTEPS = forward_target("Timesteps", lambda m: is_diffusers(m, "Timesteps"), _timesteps_unsupported,
                            _FusediffTimesteps.forward)
+
+
+# --- diffusers GEGLU -------------------------------------------------------------------------
+
+def geglu_forward(module: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers' GEGLU.forward: (B, S, C_in) -> proj -> (B, S, 2F) -> h * gelu(gate), (B, S, F)."""
+    if args or kwargs:  # the deprecated `scale`: diffusers' forward warns about it and ignores it
+        return type(module).forward(module, hidden_states, *args, **kwargs)
+    return kernels.geglu(module.proj(hidden_states))
+
+
+GEGLU = forward_target("GEGLU", lambda m: is_diffusers(m, "GEGLU"),
+                       lambda m: missing(m, {"proj": nn.Linear}), geglu_forward)
