@@ -15,11 +15,14 @@ to q's dtype at the end.
 
 Limits: q, k and v share batch B, heads H, head size D >= 1, dtype (float32, float16,
 bfloat16 or float64) and device; k and v share Sk. Any strides are accepted, e.g. a (B, S, H, D)
-projection viewed with .transpose(1, 2); the output is contiguous. With no keys (Sk = 0) the
-output is zeros, as in torch. The reference materialises the float32 scores of as many query rows
-at a time as fit in REF_SCORE_BYTES (256 MiB; every row's softmax is its own, so the chunks give
-the same rows), which bounds its memory where the kernel does not run, e.g. the single 512-wide
-head of a VAE's mid-block at 1024x1024. No mask, dropout, causal flag or grouped-query heads.
+projection viewed with .transpose(1, 2). The output is contiguous (B, H, Sq, D), or with
+``out_layout="bshd"`` laid out as (B, Sq, H, D) in memory, FlashAttention's layout: then
+``out.transpose(1, 2).reshape(B, Sq, H * D)``, the merge of the heads before the output
+projection, is a view rather than a copy. With no keys (Sk = 0) the output is zeros, as in
+torch. The reference materialises the float32 scores of as many query rows at a time as fit in
+REF_SCORE_BYTES (256 MiB; every row's softmax is its own, so the chunks give the same rows),
+which bounds its memory where the kernel does not run, e.g. the single 512-wide head of a VAE's
+mid-block at 1024x1024. No mask, dropout, causal flag or grouped-query heads.
 Gradients flow through plain torch ops.
 
 Dispatch (DESIGN.md, decision 2): the flash-attention Triton kernel of ``attention_triton.py``
@@ -41,11 +44,14 @@ from . import _backend
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
 MAX_FUSED_HEAD_DIM = 256  # the Triton kernel's largest head size; larger ones run the reference
+OUT_LAYOUTS = ("bhsd", "bshd")  # memory order of the (B, H, Sq, D) output: contiguous, or heads innermost
 REF_SCORE_BYTES = 256 << 20  # the reference's scores (B, H, rows, Sk) are at most this big at a time
 
 
-def _validate(q, k, v, scale) -> float:
+def _validate(q, k, v, scale, out_layout="bhsd") -> float:
     """Raise TypeError/ValueError naming the argument; return the scale to use."""
+    if out_layout not in OUT_LAYOUTS:
+        raise ValueError(f"attention: out_layout must be one of {', '.join(OUT_LAYOUTS)}; got {out_layout!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor; got {type(t).__name__}")
@@ -77,7 +83,15 @@ def _validate(q, k, v, scale) -> float:
     return float(scale)
 
 
-def _ref(q, k, v, scale):
+def _empty_out(q: torch.Tensor, out_layout: str) -> torch.Tensor:
+    """An uninitialised (B, H, Sq, D) output of q's dtype and device in ``out_layout``'s memory order."""
+    batch, heads, sq, head_dim = q.shape
+    if out_layout == "bshd":
+        return q.new_empty((batch, sq, heads, head_dim)).transpose(1, 2)  # (B, H, Sq, D) view of (B, Sq, H, D)
+    return q.new_empty((batch, heads, sq, head_dim))
+
+
+def _ref(q, k, v, scale, out_layout="bhsd"):
     """attention_ref on inputs already validated, with the scale resolved: in chunks of query rows
     whose scores fit in REF_SCORE_BYTES."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -86,8 +100,12 @@ def _ref(q, k, v, scale):
     rows = max(1, REF_SCORE_BYTES // max(row_bytes, 1))
     kt, vc = k.to(compute).transpose(-2, -1), v.to(compute)  # (B, H, D, Sk), (B, H, Sk, D)
     if sq <= rows:
-        return _ref_rows(q, kt, vc, scale)
-    return torch.cat([_ref_rows(q[:, :, i:i + rows], kt, vc, scale) for i in range(0, sq, rows)], dim=2)
+        out = _ref_rows(q, kt, vc, scale)  # (B, H, Sq, D) contiguous
+        return out if out_layout == "bhsd" else _empty_out(q, out_layout).copy_(out)
+    out = _empty_out(q, out_layout)
+    for i in range(0, sq, rows):
+        out[:, :, i:i + rows] = _ref_rows(q[:, :, i:i + rows], kt, vc, scale)
+    return out
 
 
 def _ref_rows(q, kt, v, scale):
@@ -111,37 +129,40 @@ def _fused_shape(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.numel() > 0 and k.numel() > 0 and q.shape[3] <= MAX_FUSED_HEAD_DIM
 
 
-def _fused(q, k, v, scale):
+def _fused(q, k, v, scale, out_layout):
     if torch.compiler.is_compiling():
-        return torch.ops.fusediff.attention(q, k, v, scale)
-    return _kernels().launch(q, k, v, scale)
+        return torch.ops.fusediff.attention(q, k, v, scale, out_layout == "bshd")
+    return _kernels().launch(q, k, v, scale, out=_empty_out(q, out_layout))
 
 
 @torch.library.custom_op("fusediff::attention", mutates_args=(), device_types=("cpu", "cuda"))
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The Triton flash-attention forward as a custom op; inputs validated, any strides, D <= 256."""
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 bshd_out: bool = False) -> torch.Tensor:
+    """The Triton flash-attention forward as a custom op; inputs validated, any strides, D <= 256.
+    The output is contiguous (B, H, Sq, D), or (B, Sq, H, D) in memory with ``bshd_out``."""
     if q.dtype not in _FUSED_DTYPES:
         raise ValueError(f"fusediff::attention: q must be float32, float16 or bfloat16; got {q.dtype}")
     if q.shape[3] > MAX_FUSED_HEAD_DIM:
         raise ValueError(f"fusediff::attention: head size D must be at most {MAX_FUSED_HEAD_DIM}; got {q.shape[3]}")
+    out = _empty_out(q, "bshd" if bshd_out else "bhsd")
     if q.numel() == 0 or k.numel() == 0:  # nothing to compute, or no keys: zeros, as the reference
-        return q.new_zeros(q.shape)
-    return _kernels().launch(q, k, v, scale)
+        return out.zero_()
+    return _kernels().launch(q, k, v, scale, out=out)
 
 
 @attention_op.register_fake
-def _(q, k, v, scale):
-    return q.new_empty(q.shape)  # (B, H, Sq, D), contiguous
+def _(q, k, v, scale, bshd_out=False):
+    return _empty_out(q, "bshd" if bshd_out else "bhsd")  # (B, H, Sq, D) with the real op's strides
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  scale: float | None = None) -> torch.Tensor:
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+                  out_layout: str = "bhsd") -> torch.Tensor:
     """The definition of :func:`attention` in PyTorch: fp32 products and softmax, one final rounding."""
-    return _ref(q, k, v, _validate(q, k, v, scale))
+    return _ref(q, k, v, _validate(q, k, v, scale, out_layout), out_layout)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              scale: float | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+              out_layout: str = "bhsd") -> torch.Tensor:
     """Attention softmax(q k^T * scale) v, with the softmax in float32, output in q's dtype.
 
     Args:
@@ -150,11 +171,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k: keys of shape (B, H, Sk, D); q's dtype and device.
         v: values of shape (B, H, Sk, D); q's dtype and device, k's Sk.
         scale: multiplies the logits q k^T; None for 1/sqrt(D). A finite float.
+        out_layout: memory order of the output: "bhsd" (contiguous) or "bshd" ((B, Sq, H, D) in
+            memory, so that ``out.transpose(1, 2).reshape(B, Sq, H * D)`` is a view).
 
     Returns:
-        out of shape (B, H, Sq, D) in q's dtype, contiguous.
+        out of shape (B, H, Sq, D) in q's dtype, in the memory order ``out_layout`` names.
     """
-    scale = _validate(q, k, v, scale)
+    scale = _validate(q, k, v, scale, out_layout)
     if _fused_shape(q, k) and _use_fused(q, (q, k, v)):
-        return _fused(q, k, v, scale)
-    return _ref(q, k, v, scale)
+        return _fused(q, k, v, scale, out_layout)
+    return _ref(q, k, v, scale, out_layout)

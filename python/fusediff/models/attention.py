@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .layout import memory_format_of
 from .normalization import GroupNorm
 
 
@@ -97,7 +98,7 @@ class Attention(nn.Module):
         if spatial:
             batch, channels, height, width = hidden_states.shape
             h = hidden_states if self.group_norm is None else self.group_norm(hidden_states)
-            h = h.reshape(batch, channels, height * width).transpose(1, 2)  # (B, S, C)
+            h = h.reshape(batch, channels, height * width).transpose(1, 2)  # (B, S, C), a view if channels-last
         else:
             h = hidden_states  # (B, S, C)
             if self.group_norm is not None:
@@ -114,13 +115,15 @@ class Attention(nn.Module):
         q = self._split_heads(self.to_q(h))  # (B, heads, S, D)
         k = self._split_heads(self.to_k(context))  # (B, heads, L, D)
         v = self._split_heads(self.to_v(context))
-        o = kernels.attention(q, k, v)  # (B, heads, S, D), scale 1/sqrt(D)
-        o = o.transpose(1, 2).reshape(batch, seq, self.heads * self.dim_head)  # (B, S, heads * D)
+        o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
+        o = o.transpose(1, 2).reshape(batch, seq, self.heads * self.dim_head)  # (B, S, heads * D), a view
         out = self.to_out[1](self.to_out[0](o))  # (B, S, C)
         if spatial:
-            out = out.transpose(1, 2).reshape(residual.shape)  # (B, C, H, W)
+            out = out.transpose(1, 2).reshape(residual.shape)  # (B, C, H, W), a view laid out channels-last
+            if not self.residual_connection:
+                out = out.contiguous(memory_format=memory_format_of(residual))
         if self.residual_connection:
-            out = out + residual
+            out = residual + out  # in the input's layout (the sum takes its first operand's)
         return out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out
 
 

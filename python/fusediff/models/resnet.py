@@ -25,6 +25,12 @@ from .activations import get_activation, is_silu
 from .normalization import GroupNorm
 
 TIME_EMBEDDING_NORMS = ("default", "scale_shift")
+# PyTorch's channels-last nearest-neighbour upsampling on CUDA wrote zeros into outputs of 2^31
+# elements or more (pytorch/pytorch#141831; fixed by #141923 for torch 2.7), and on ROCm its launch
+# fails at that size (#180310). Upsample2D feeds such outputs a contiguous input instead: one layout
+# copy, at that size and on those versions only (diffusers copies for any batch of 64 or more).
+NHWC_NEAREST_SAFE = torch.__version__ >= (2, 7) and torch.version.hip is None
+NHWC_NEAREST_MAX_NUMEL = 2**31
 
 
 class Downsample2D(nn.Module):
@@ -66,9 +72,11 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, self.out_channels, kernel_size=3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        # (B, C, H, W) -> (B, C_out, 2H, 2W), or output_size when given
-        if x.shape[0] >= 64:
-            x = x.contiguous()  # the channels-last nearest kernel has failed on large batches
+        # (B, C, H, W) -> (B, C_out, 2H, 2W), or output_size when given; in x's layout
+        if x.is_cuda and not NHWC_NEAREST_SAFE:
+            out_hw = 4 * x.shape[2] * x.shape[3] if output_size is None else output_size[0] * output_size[1]
+            if x.shape[0] * x.shape[1] * out_hw >= NHWC_NEAREST_MAX_NUMEL:
+                x = x.contiguous()  # see NHWC_NEAREST_SAFE
         if output_size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:

@@ -35,6 +35,7 @@ from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
 from .attention import Attention
 from .feed_forward import FeedForward
+from .layout import memory_format_of
 from .normalization import GroupNorm
 
 
@@ -195,7 +196,9 @@ class Transformer2DModel(ModelMixin):
             raise ValueError(f"Transformer2DModel: hidden_states must have shape (B, {self.in_channels}, H, W); "
                              f"got {got}")
         batch, channels, height, width = hidden_states.shape
+        layout = memory_format_of(hidden_states)  # the map goes back to the input's layout: no copy in channels-last
         h = self.norm(hidden_states)  # (B, C, H, W)
+        # (B, C, H, W) -> (B, H*W, C): a view of a channels-last map, a copy of a contiguous one
         if self.use_linear_projection:
             h = self.proj_in(h.permute(0, 2, 3, 1).reshape(batch, height * width, channels))  # (B, S, inner)
         else:
@@ -203,9 +206,11 @@ class Transformer2DModel(ModelMixin):
         for block in self.transformer_blocks:
             h = block(h, encoder_hidden_states)
         if self.use_linear_projection:
-            h = self.proj_out(h).reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
+            h = self.proj_out(h).reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous(
+                memory_format=layout)
         else:
-            h = self.proj_out(h.reshape(batch, height, width, self.inner_dim).permute(0, 3, 1, 2).contiguous())
+            h = self.proj_out(h.reshape(batch, height, width, self.inner_dim).permute(0, 3, 1, 2).contiguous(
+                memory_format=layout))
         out = h + hidden_states  # (B, C, H, W)
         if not return_dict:
             return (out,)

@@ -119,9 +119,19 @@ def timesteps_for_batch(value: torch.Tensor | float | int, batch: int, device: t
 
 
 def check_index_range(indices: torch.Tensor, size: int, what: str) -> None:
-    """Raise unless ``indices`` are integers in [0, size); the range check is skipped while a CUDA graph records."""
+    """Raise unless ``indices`` are integers in [0, size).
+
+    Eager mode reads the extremes back and raises ValueError naming them. Under ``torch.compile``
+    the values are not known while tracing and reading them back would break the graph, so the
+    check is an assertion inside the graph instead (RuntimeError on the CPU, a device-side assert
+    on CUDA, where an out-of-range embedding index would be one anyway). While a CUDA graph
+    records, the check is skipped.
+    """
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise TypeError(f"{what} indices must be an integer tensor; got {indices.dtype}")
+    if torch.compiler.is_compiling():
+        torch._assert_async(((indices >= 0) & (indices < size)).all(), f"{what} indices must lie in [0, {size})")
+        return
     if indices.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # reading the values back would break the capture
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):

@@ -28,6 +28,8 @@ from ..configuration import register_to_config
 from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
 from .attention import convert_legacy_attention_keys
+from .layout import memory_format_of
+from .unet_2d_checks import check_index_range
 from .vae import Decoder, DecoderOutput, Encoder, check_image, check_positive_int
 
 
@@ -74,6 +76,7 @@ class VectorQuantizer(nn.Module):
         the two Nones stand where diffusers returns (perplexity, one-hot encodings), also None.
         """
         check_image(z, self.vq_embed_dim, 1, "VectorQuantizer input")
+        layout = memory_format_of(z)  # z_q is returned in z's layout (a view of (B, h, w, D) when channels-last)
         z = z.permute(0, 2, 3, 1).contiguous()  # (B, h, w, D)
         flat = z.view(-1, self.vq_embed_dim)  # (B*h*w, D)
         indices = torch.argmin(torch.cdist(flat, self.embedding.weight), dim=1)  # (B*h*w,) nearest e_k
@@ -82,18 +85,14 @@ class VectorQuantizer(nn.Module):
         commitment = torch.mean((z_q.detach() - z) ** 2)  # keeps the encoder output near e_k
         loss = commitment + self.beta * codebook if self.legacy else self.beta * commitment + codebook
         z_q = z + (z_q - z).detach()  # straight-through estimator: dz_q/dz = I
-        z_q = z_q.permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+        z_q = z_q.permute(0, 3, 1, 2).contiguous(memory_format=layout)  # (B, D, h, w)
         if self.sane_index_shape:
             indices = indices.reshape(z_q.shape[0], z_q.shape[2], z_q.shape[3])
         return z_q, loss, (None, None, indices)
 
     def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, int, int, int] | None) -> torch.Tensor:
         """Codebook vectors for integer ``indices``: (B, D, h, w) for ``shape`` = (B, h, w, D), else (N, D)."""
-        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-            raise TypeError(f"VectorQuantizer: indices must be an integer tensor; got {indices.dtype}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n_e):
-            raise ValueError(f"VectorQuantizer: indices must lie in [0, {self.n_e}); got values from "
-                             f"{int(indices.min())} to {int(indices.max())}")
+        check_index_range(indices, self.n_e, "VectorQuantizer: codebook")
         z_q = self.embedding(indices)  # (..., D)
         if shape is None:
             return z_q
