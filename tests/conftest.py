@@ -1,8 +1,19 @@
 """Shared test settings: the gpu marker skips where CUDA is absent; hypothesis stays quick."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import settings
+
+# The source folder kernels/ (installed as fusediff.kernels) must not be importable as a top-level
+# "kernels": transformers and diffusers probe for the Hugging Face package of that name and would
+# import ours a second time, re-registering its custom ops with module state of their own. `python -m
+# pytest` puts the working directory (the repository root) on sys.path; tests import the installed package.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+sys.modules.pop("kernels", None)
 
 settings.register_profile("fusediff", max_examples=40, deadline=None, derandomize=False)
 settings.load_profile("fusediff")
