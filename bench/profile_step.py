@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 from bench_sd_models import SD15_UNET, SD_VAE  # noqa: E402
 
 from fusediff import AutoencoderKL, UNet2DConditionModel  # noqa: E402
@@ -148,14 +148,6 @@ def markdown(summaries: dict[str, dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the markdown and CSV summaries")
@@ -167,7 +159,7 @@ def main() -> None:
     summaries = {model: profile_call(fn)
                  for model, fn in sd_step_and_decode(DTYPES[args.dtype], LAYOUTS[args.layout]).items()}
     header = (f"{args.layout}, {args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-              f"commit {git_commit()}, {datetime.date.today()}")
+              f"commit {harness.git_commit()}, {datetime.date.today()}")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"profile_step_{args.layout}_{args.dtype}"
     text = markdown(summaries, header)
