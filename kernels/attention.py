@@ -19,17 +19,32 @@ projection viewed with .transpose(1, 2). The output is contiguous (B, H, Sq, D),
 ``out_layout="bshd"`` laid out as (B, Sq, H, D) in memory, FlashAttention's layout: then
 ``out.transpose(1, 2).reshape(B, Sq, H * D)``, the merge of the heads before the output
 projection, is a view rather than a copy. With no keys (Sk = 0) the output is zeros, as in
-torch. The reference materialises the float32 scores of as many query rows at a time as fit in
-REF_SCORE_BYTES (256 MiB; every row's softmax is its own, so the chunks give the same rows),
-which bounds its memory where the kernel does not run, e.g. the single 512-wide head of a VAE's
-mid-block at 1024x1024. No mask, dropout, causal flag or grouped-query heads.
-Gradients flow through plain torch ops.
+torch. The Triton kernel takes head sizes up to MAX_FUSED_HEAD_DIM (256); larger float16 and
+bfloat16 heads on CUDA, e.g. the single 512-wide head of SD's VAE mid-block, run torch's SDPA
+(below); the rest run the reference, which materialises the float32 scores of as many query
+rows at a time as fit in REF_SCORE_BYTES (256 MiB; every row's softmax is its own, so the
+chunks give the same rows), bounding its memory, e.g. for that VAE head at 1024x1024. No
+mask, dropout, causal flag or grouped-query heads. Gradients flow through plain torch ops.
 
 Dispatch (DESIGN.md, decision 2): the flash-attention Triton kernel of ``attention_triton.py``
 runs on CUDA tensors (and, with ``FUSEDIFF_KERNELS=fused`` and ``TRITON_INTERPRET=1``, on CPU
-tensors) that are float32, float16 or bfloat16 with any strides and 1 <= D <= 256; float64,
-D > 256, no keys (Sk = 0), empty tensors and calls that need gradients run the reference. Under
-``torch.compile`` the kernel is reached through the custom op ``torch.ops.fusediff.attention``.
+tensors) that are float32, float16 or bfloat16 with any strides and 1 <= D <= 256. Head sizes
+D > 256 in float16 or bfloat16 on CUDA (not ROCm) take a second fused path,
+``torch.nn.functional.scaled_dot_product_attention``, where its memory-efficient backend takes
+the inputs (D a multiple of 8, unit stride along D, 16-byte aligned storage offsets) and the
+scale is >= 0 (:func:`_use_sdpa`). Per PyTorch's dispatcher
+(aten/src/ATen/native/transformers/cuda/sdp_utils.cpp) FlashAttention takes D <= 256 and cuDNN
+D <= 256 (sm90/sm100 with cuDNN > 9.22, else 128), so the memory-efficient CUTLASS kernel runs
+(xFormers' FMHA; any D, sm50 to sm121): both products on tensor cores with float32
+accumulation, an online softmax in float32, p rounded to the input dtype before p v (as in
+FlashAttention), one final rounding, no scores in memory; within DESIGN.md's tolerance rule.
+Inputs it does not take would get SDPA's math backend, which upcasts to float32 and
+materialises every score, the reference without its memory bound: they run the reference.
+(With the memory-efficient backend switched off, torch.backends.cuda.enable_mem_efficient_sdp,
+SDPA runs its math backend for those calls.) float64, the other D > 256 cases, no keys
+(Sk = 0), empty tensors and calls that need gradients run the reference;
+``FUSEDIFF_KERNELS=ref`` runs it always. Under ``torch.compile`` the Triton kernel is reached
+through the custom op ``torch.ops.fusediff.attention``; SDPA is traced as itself.
 """
 
 from __future__ import annotations
@@ -38,12 +53,16 @@ import math
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from . import _backend
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
-MAX_FUSED_HEAD_DIM = 256  # the Triton kernel's largest head size; larger ones run the reference
+MAX_FUSED_HEAD_DIM = 256  # the Triton kernel's largest head size; larger ones run SDPA or the reference
+_SDPA_DTYPES = (torch.float16, torch.bfloat16)  # D > 256 on CUDA: torch's SDPA for these dtypes
+SDPA_ALIGN_ELEMENTS = 8  # the memory-efficient SDPA kernel's D must be a multiple of this (fp16/bf16)
+SDPA_ALIGN_BYTES = 16  # ... and its q, k, v storage offsets a multiple of this many bytes
 OUT_LAYOUTS = ("bhsd", "bshd")  # memory order of the (B, H, Sq, D) output: contiguous, or heads innermost
 REF_SCORE_BYTES = 256 << 20  # the reference's scores (B, H, rows, Sk) are at most this big at a time
 
@@ -135,6 +154,33 @@ def _fused(q, k, v, scale, out_layout):
     return _kernels().launch(q, k, v, scale, out=_empty_out(q, out_layout))
 
 
+def _use_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> bool:
+    """Whether a call with D > MAX_FUSED_HEAD_DIM runs torch's SDPA: not under the ref backend, CUDA
+    (not ROCm) float16/bfloat16 tensors with some queries and keys, no autograd, a scale >= 0, and
+    inputs that SDPA's memory-efficient backend takes (sdp_utils.cpp: check_head_dim_size_mem_efficient,
+    check_last_dim_stride_equals_1_dense, check_data_ptr_alignment_mem_efficient), so that its math
+    backend, which materialises every score, does not run in place of the chunked reference.
+
+    The scale must not be negative: that kernel subtracts (row max of q k^T) * scale, which for a
+    negative scale is the row's smallest scaled logit, and its exponentials can overflow."""
+    if _backend.get_backend() == "ref" or not q.is_cuda or torch.version.hip is not None:
+        return False
+    if q.dtype not in _SDPA_DTYPES or scale < 0 or q.numel() == 0 or k.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    return q.shape[3] % SDPA_ALIGN_ELEMENTS == 0 and all(
+        t.stride(3) == 1 and t.storage_offset() * t.element_size() % SDPA_ALIGN_BYTES == 0 for t in (q, k, v))
+
+
+def _sdpa(q, k, v, scale, out_layout):
+    """torch's SDPA (its memory-efficient kernel for these inputs), returned in ``out_layout``."""
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, Sq, D)
+    # the memory-efficient kernel writes (B, Sq, H, D) in memory (the math backend (B, H, Sq, D)): copy if need be
+    in_layout = out.is_contiguous() if out_layout == "bhsd" else out.transpose(1, 2).is_contiguous()
+    return out if in_layout else _empty_out(q, out_layout).copy_(out)
+
+
 @torch.library.custom_op("fusediff::attention", mutates_args=(), device_types=("cpu", "cuda"))
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  bshd_out: bool = False) -> torch.Tensor:
@@ -180,4 +226,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale = _validate(q, k, v, scale, out_layout)
     if _fused_shape(q, k) and _use_fused(q, (q, k, v)):
         return _fused(q, k, v, scale, out_layout)
+    if q.shape[3] > MAX_FUSED_HEAD_DIM and _use_sdpa(q, k, v, scale):
+        return _sdpa(q, k, v, scale, out_layout)
     return _ref(q, k, v, scale, out_layout)

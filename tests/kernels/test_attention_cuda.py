@@ -1,7 +1,9 @@
 """attention's Triton kernel on a CUDA device: the shapes of issue 4 (Stable Diffusion's self- and
 cross-attention) in fp16 and bf16, head sizes 160 and 256, every config of the tuning space,
 random odd shapes, (B, S, H, D) views and fused-qkv slices, outputs poisoned with NaN (every row
-must be written), torch.compile, and the house tolerance rule (NaN never passes).
+must be written), torch.compile, and the house tolerance rule (NaN never passes). Head sizes above
+256 (the VAE mid-block's single 512-wide head) go through torch's SDPA, its memory-efficient
+kernel: the same rule, the output layouts, and the inputs that stay on the reference.
 
 The references are attention's own definition (``_ref``: float32 products and softmax, one
 rounding) run in the low precision, and the same in float64; both are computed over chunks of
@@ -16,7 +18,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.spy import record_calls
 from support.tolerance import assert_within_ref_error
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusediff import kernels as K
 from fusediff.kernels import _backend
@@ -172,3 +176,105 @@ def test_autograd_falls_back_to_the_reference():
     out = K.attention(q, k, v)
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# --- head sizes above 256: torch's SDPA --------------------------------------------------------------
+
+SDPA_HEADS = [  # (B, H, Sq, Sk, D)
+    (1, 1, 4096, 4096, 512),  # SD's VAE mid-block at 512x512: one 512-wide head
+    (2, 1, 1000, 1000, 512),  # no length a tile multiple
+    (1, 3, 77, 300, 264),  # the smallest head size above 256 that SDPA's kernel takes (a multiple of 8)
+]
+
+
+MATH_OPS = {"aten.bmm", "aten.mm", "aten.baddbmm", "aten.matmul", "aten._softmax", "aten._safe_softmax"}
+
+
+def in_layout(out, out_layout):
+    """Whether out is laid out as out_layout names: contiguous (B, H, Sq, D), or (B, Sq, H, D) in memory."""
+    return out.is_contiguous() if out_layout == "bhsd" else out.transpose(1, 2).is_contiguous()
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the names of the aten ops run under it: which SDPA backend ran, and any other work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "fused_qkv"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape", SDPA_HEADS, ids=str)
+def test_head_sizes_above_256_run_sdpa(monkeypatch, shape, dtype, layout):
+    if layout == "fused_qkv" and shape[2] != shape[3]:
+        pytest.skip("a fused qkv projection has Sq == Sk")
+    q, k, v = qkv(*shape, dtype, seed=sum(shape), layout=layout)
+    scale = shape[-1] ** -0.5
+    lowp, hi = chunked_ref(q, k, v, scale), chunked_ref(q, k, v, scale, torch.float64)
+    sdpa, ref = record_calls(monkeypatch, AT, "_sdpa"), record_calls(monkeypatch, AT, "_ref")
+    for out_layout in AT.OUT_LAYOUTS:
+        with AtenOps() as ops:
+            got = K.attention(q, k, v, out_layout=out_layout)
+        assert in_layout(got, out_layout), f"{out_layout}: strides {got.stride()}"
+        assert_within_ref_error(got, lowp, hi, f"SDPA {shape} {dtype} {layout} out_layout={out_layout}")
+        # the memory-efficient kernel ran, not the math backend's products and softmax
+        assert "aten._scaled_dot_product_efficient_attention" in ops.names, ops.names
+        assert not MATH_OPS & set(ops.names), ops.names
+        copied = "aten.copy_" in ops.names  # into the layout asked for: (B, H, Sq, D) with several heads
+        assert copied == (out_layout == "bhsd" and shape[1] > 1), f"{out_layout}, H={shape[1]}: copied {copied}"
+    assert len(sdpa) == 2 and not ref, f"{len(sdpa)} SDPA calls, {len(ref)} reference calls"
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_sdpa_large_logits(monkeypatch, dtype):
+    q, k, v = qkv(1, 1, 500, 77, 512, dtype, seed=8)  # logits 3 q.k: a standard deviation of 68
+    logits = 3.0 * q.float() @ k.float().transpose(-2, -1)
+    assert torch.isinf(logits.exp()).any(), "the data must overflow a softmax without its maximum subtracted"
+    sdpa = record_calls(monkeypatch, AT, "_sdpa")
+    got = K.attention(q, k, v, 3.0)
+    assert sdpa and torch.isfinite(got).all()
+    hi = chunked_ref(q, k, v, 3.0, torch.float64)
+    assert_within_ref_error(got, chunked_ref(q, k, v, 3.0), hi, f"scale 3 {dtype}")
+
+
+def test_head_sizes_above_256_fall_back_to_the_reference(monkeypatch):
+    q, k, v = qkv(1, 2, 100, 90, 512, torch.float16, seed=9)
+    base = torch.randn(q.numel() + 4, device="cuda").half()
+    misaligned = base[4:].view(q.shape)  # storage offset of 8 bytes
+    fallbacks = {  # what the memory-efficient kernel does not take, or what this path leaves to the reference
+        "float32": lambda: K.attention(q.float(), k.float(), v.float()),
+        "float64": lambda: K.attention(q.double(), k.double(), v.double()),
+        "D = 260, not a multiple of 8": lambda: K.attention(q[..., :260], k[..., :260], v[..., :260]),
+        "D strided": lambda: K.attention(*(t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))),
+        "misaligned storage offset": lambda: K.attention(misaligned, k, v),
+        "negative scale": lambda: K.attention(q, k, v, -0.05),
+        "needs grad": lambda: K.attention(q.clone().requires_grad_(), k, v),
+        "no keys": lambda: K.attention(q, k[:, :, :0], v[:, :, :0]),
+    }
+    sdpa = record_calls(monkeypatch, AT, "_sdpa")
+    for what, fn in fallbacks.items():
+        out = fn()
+        assert not sdpa, f"{what}: ran SDPA"
+        if what == "negative scale":
+            hi = chunked_ref(q, k, v, -0.05, torch.float64)
+            assert_within_ref_error(out, chunked_ref(q, k, v, -0.05), hi, what)
+    for backend in ("ref", "fused", "auto"):
+        with K.use_backend(backend):
+            K.attention(q, k, v)
+        assert len(sdpa) == (backend != "ref"), backend
+        sdpa.clear()
+
+
+def test_sdpa_path_under_torch_compile():
+    q, k, v = qkv(2, 1, 1024, 1024, 512, torch.float16, seed=10, layout="bshd")
+    compiled = torch.compile(lambda q, k, v: K.attention(q, k, v, out_layout="bshd"), fullgraph=True)
+    got = compiled(q, k, v)
+    assert in_layout(got, "bshd") and got.shape == q.shape
+    scale = 512 ** -0.5
+    assert_within_ref_error(got, chunked_ref(q, k, v, scale), chunked_ref(q, k, v, scale, torch.float64),
+                            "SDPA under torch.compile")

@@ -8,7 +8,8 @@ runs must be channels-last; the largest difference is printed.
 
 No copies: :class:`LayoutAudit` is a TorchDispatchMode that sees every aten op of a forward and
 records (1) an op that reads a tensor in one layout and writes one of the same shape in another (a
-``.contiguous()``, a reshape that cannot be a view, a sum of a channels-last and a contiguous map),
+``.contiguous()``, a reshape that cannot be a view, a sum of a channels-last and a contiguous map;
+dims the input broadcasts, stride 0, have no layout and are left out of the comparison),
 (2) a convolution whose input and weight layouts differ (the GPU convolution converts one of them),
 (3) a non-view op that takes a 4-D map in the run's layout and writes one in the other, and (4) a
 GroupNorm input the fused kernel cannot read where it lies (it would fall back to the copying
@@ -20,6 +21,11 @@ behaviour without its kernels: the CPU references copy by design (GroupNorm's re
 to (B, G, -1)), which says nothing about the models, and the Triton interpreter cannot be switched
 on inside one test process (TRITON_INTERPRET is read when the kernels' module is first imported)
 and is slow. tests/models/test_channels_last_cuda.py profiles the real kernels on a GPU.
+
+Nearest 2x: on CUDA, Upsample2D doubles a channels-last map with one broadcast copy in NHWC order
+(``upsample_nearest_2x_channels_last``) instead of PyTorch's slow NHWC nearest kernel. The copy must
+equal ``F.interpolate`` bit for bit, channels-last, on odd sizes; the models run through it on the CPU
+(enabled there by the tests) give the contiguous result without a layout change, and it compiles.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import fusediff.kernels
-from fusediff.models import AutoencoderKL, Transformer2DModel, UNet2DConditionModel, UNet2DModel, VQModel
+from fusediff.models import AutoencoderKL, Transformer2DModel, UNet2DConditionModel, UNet2DModel, Upsample2D, VQModel
+from fusediff.models import resnet
+from fusediff.models.resnet import upsample_nearest_2x_channels_last
 from support.parity import assert_close, one_thread  # noqa: F401  (one_thread: autouse)
 
 CL = torch.channels_last
@@ -121,10 +129,16 @@ def test_channels_last_gives_the_contiguous_result(name):
 # --- the audit --------------------------------------------------------------------------------------
 
 
-def _order(t: torch.Tensor) -> tuple[int, ...]:
-    """t's dims of size > 1, outermost in memory first: its layout, ignoring dims that have none."""
-    dims = [d for d in range(t.dim()) if t.shape[d] > 1]
+def _order(t: torch.Tensor, skip: set[int] = frozenset()) -> tuple[int, ...]:
+    """t's dims of size > 1 and not in ``skip``, outermost in memory first: its layout, ignoring dims that
+    have none."""
+    dims = [d for d in range(t.dim()) if t.shape[d] > 1 and d not in skip]
     return tuple(sorted(dims, key=lambda d: -t.stride(d)))
+
+
+def _broadcast_dims(t: torch.Tensor) -> set[int]:
+    """The dims t broadcasts (stride 0, as after .expand): they have no layout of their own."""
+    return {d for d in range(t.dim()) if t.stride(d) == 0}
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -173,7 +187,8 @@ class LayoutAudit(TorchDispatchMode):
             if o.untyped_storage().data_ptr() in storages and name != "aten.copy_":
                 continue  # a view (or in place): moves no data
             for i in ins if name not in PRODUCTS else ():
-                if i.shape == o.shape and i.numel() > 1 and _dense(o) and _order(i) != _order(o):
+                skip = _broadcast_dims(i)
+                if i.shape == o.shape and i.numel() > 1 and _dense(o) and _order(i, skip) != _order(o, skip):
                     self.events.append(f"{name}: reads {tuple(i.shape)} strides {i.stride()}, writes strides "
                                        f"{o.stride()}")
                     break
@@ -245,12 +260,16 @@ def test_the_audit_sees_layout_copies(monkeypatch):
         "a sum of both layouts": lambda: x + x.contiguous(),
         "weights in the other layout": lambda: conv(x),
         "group_norm on other strides": lambda: fusediff.kernels.group_norm(x.transpose(2, 3), 4),
+        "a broadcast written in the other layout": lambda: x[:, :, None].expand(2, 8, 3, 4, 4).contiguous(),
     }
     for what, fn in mistakes.items():
         _, events = audited(monkeypatch, CL, fn)
         print(what, events)
         assert events, f"the audit missed {what}"
     _, events = audited(monkeypatch, CL, lambda: torch.nn.functional.silu(x) + x)
+    assert not events, events
+    # a broadcast copied in its own memory order (the channels-last nearest 2x) is no layout change
+    _, events = audited(monkeypatch, CL, lambda: upsample_nearest_2x_channels_last(x))
     assert not events, events
     nchw = x.contiguous()
     # in a contiguous run, a sum whose first operand is channels-last writes channels-last
@@ -274,3 +293,106 @@ def test_attention_out_layout(monkeypatch):
         assert bshd.transpose(1, 2).reshape(2, 9, 24).data_ptr() == bshd.data_ptr()
     with pytest.raises(ValueError, match="out_layout must be one of bhsd, bshd"):
         fusediff.kernels.attention(q, k, v, out_layout="nhwc")
+
+
+# --- nearest 2x upsampling of a channels-last map as one copy ----------------------------------------
+
+NEAREST_SHAPES = [  # (B, C, H, W)
+    (1, 2, 1, 1),  # one pixel
+    (2, 3, 5, 7),  # odd sizes
+    (3, 17, 9, 4),  # odd batch and channel counts
+    (1, 64, 16, 16),  # aligned
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", NEAREST_SHAPES, ids=str)
+def test_nearest_2x_copy_is_interpolate_exactly(shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 100).to(dtype).contiguous(memory_format=CL)
+    expected = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    got = upsample_nearest_2x_channels_last(x)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert torch.equal(got, expected), f"{shape} {dtype}: {int((got != expected).sum())} elements differ"
+    assert got.is_contiguous(memory_format=CL), f"{shape}: output strides {got.stride()} are not channels-last"
+    assert got.permute(0, 2, 3, 1).is_contiguous(), "the copy is dense in NHWC order"
+
+
+def test_nearest_2x_copy_gradient():
+    x = torch.randn(2, 5, 3, 7, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    grad = torch.randn(2, 5, 6, 14, dtype=torch.float64)
+    (theirs,) = torch.autograd.grad(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), x, grad)
+    (ours,) = torch.autograd.grad(upsample_nearest_2x_channels_last(x), x, grad)
+    torch.testing.assert_close(ours, theirs)
+
+
+def _nearest_2x_copy_on_cpu(patch) -> list:
+    """Make Upsample2D take the copy on CPU tensors too (it does on CUDA ones); returns the list its calls go to."""
+    calls = []
+
+    def counted(x):
+        calls.append(tuple(x.shape))
+        return upsample_nearest_2x_channels_last(x)
+
+    patch.setattr(resnet, "NEAREST_2X_COPY_DEVICES", ("cuda", "cpu"))
+    patch.setattr(resnet, "upsample_nearest_2x_channels_last", counted)
+    return calls
+
+
+@pytest.fixture
+def nearest_2x_copy_on_cpu(monkeypatch):
+    return _nearest_2x_copy_on_cpu(monkeypatch)
+
+
+def test_upsample2d_routes_exact_2x_channels_last_to_the_copy(monkeypatch):
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    cases = {  # what -> (input, output_size, whether the copy runs where it is enabled)
+        "2x": (x, None, True),
+        "output_size 2x": (x, (10, 14), True),
+        "output_size torch.Size 2x": (x, torch.Size([10, 14]), True),
+        "output_size not 2x": (x, (11, 14), False),
+        "contiguous input": (x.contiguous(), None, False),
+        "strided channels-last slice": (x[:, :, :, :4], None, False),
+    }
+    for enabled in (False, True):  # the CPU default, then as on a GPU
+        with monkeypatch.context() as patch:
+            calls = _nearest_2x_copy_on_cpu(patch) if enabled else []
+            for what, (inp, size, copies) in cases.items():
+                calls.clear()
+                got = Upsample2D(6)(inp, size)
+                if size is None:
+                    expected = torch.nn.functional.interpolate(inp, scale_factor=2.0, mode="nearest")
+                else:
+                    expected = torch.nn.functional.interpolate(inp, size=size, mode="nearest")
+                assert torch.equal(got, expected), what
+                assert got.stride() == expected.stride(), (what, got.stride(), expected.stride())
+                assert bool(calls) == (copies and enabled), f"{what}: copy taken {bool(calls)}, enabled {enabled}"
+
+
+@pytest.mark.parametrize("name", ["autoencoder_kl_decode", "autoencoder_kl", "vq_model", "unet_2d"])
+def test_nearest_2x_copy_in_channels_last_models(nearest_2x_copy_on_cpu, monkeypatch, name):
+    """The models with the copy in their upsamplers (as on a GPU): the contiguous result, no layout change."""
+    with torch.no_grad():
+        model, args, run = _build(name, torch.contiguous_format)
+        expected = run(model, *args)
+        model_cl, args_cl, _ = _build(name, CL)
+        assert_close(run(model_cl, *args_cl), expected, f"{name}, channels-last with the nearest 2x copy", RTOL)
+    assert nearest_2x_copy_on_cpu, f"{name}: no upsampler took the copy"
+    nearest_2x_copy_on_cpu.clear()
+    out, events = audited(monkeypatch, CL, run, model_cl, *args_cl)
+    assert nearest_2x_copy_on_cpu and is_channels_last(out)
+    assert not events, f"{name}: {len(events)} layout changes:\n" + "\n".join(events)
+
+
+def test_nearest_2x_copy_compiles_fullgraph(nearest_2x_copy_on_cpu):
+    up = Upsample2D(6, use_conv=True).eval().to(memory_format=CL)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    torch.compiler.reset()
+    try:
+        compiled = torch.compile(up, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            got, expected = compiled(x), up(x)
+    finally:
+        torch.compiler.reset()
+    assert len(nearest_2x_copy_on_cpu) == 2, "the compiled call and the eager one both take the copy"
+    assert torch.equal(got, expected) and is_channels_last(got)
