@@ -169,8 +169,11 @@ def _use_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False
-    return q.shape[3] % SDPA_ALIGN_ELEMENTS == 0 and all(
-        t.stride(3) == 1 and t.storage_offset() * t.element_size() % SDPA_ALIGN_BYTES == 0 for t in (q, k, v))
+    if q.shape[3] % SDPA_ALIGN_ELEMENTS != 0 or any(t.stride(3) != 1 for t in (q, k, v)):
+        return False
+    if torch.compiler.is_compiling():  # offsets are not traceable; the compiled graph's buffers start aligned
+        return True
+    return all(t.storage_offset() * t.element_size() % SDPA_ALIGN_BYTES == 0 for t in (q, k, v))
 
 
 def _sdpa(q, k, v, scale, out_layout):
