@@ -31,13 +31,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--csv", type=Path, help="read this CSV instead of results/NAME.csv")
     ap.add_argument("--png", type=Path, help="write this PNG instead of results/NAME.png")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--all-commits", action="store_true",
+                    help="keep rows of every commit (a run split over calls); later rows win per bar")
     args = ap.parse_args(argv)
     src = args.csv or RESULTS / f"{args.name}.csv"
     dst = args.png or RESULTS / f"{args.name}.png"
     rows = list(csv.DictReader(src.open()))
     last = rows[-1]["commit"]
+    commits = ", ".join(dict.fromkeys(r["commit"] for r in rows)) if args.all_commits else last
     filters = [w.split("=", 1) for w in args.where]
-    rows = [r for r in rows if r["commit"] == last and all(r.get(k) == v for k, v in filters)
+    rows = [r for r in rows if (args.all_commits or r["commit"] == last) and all(r.get(k) == v for k, v in filters)
             and r.get(args.metric) not in ("", "nan", None)]
     keys = args.case.split(",")
     case = lambda r: "\n".join(r[k] for k in keys)  # noqa: E731
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, fontsize=7)
     ax.set_ylabel(args.metric)
     where = ", ".join(args.where)
-    ax.set_title(args.title or f"{args.name} {where} — {rows[0]['gpu']}, commit {last}", fontsize=9)
+    ax.set_title(args.title or f"{args.name} {where} — {rows[0]['gpu']}, commit {commits}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)

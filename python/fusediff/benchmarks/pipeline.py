@@ -204,13 +204,15 @@ def make_rows(cells: list[dict], peak_tflops: float, *, dtype: str, steps: int, 
 
 # -- the report (from the CSV) -----------------------------------------------------------------
 def newest(rows: list[dict]) -> list[dict]:
-    """The last row of each (impl, column) among rows of the CSV's last commit, GPU and dtype, in table order."""
+    """The last row of each (impl, column) among rows of the CSV's last GPU and dtype, in table order (a run
+    split over several calls, or a cell re-measured at a later commit, reads as one table; each row names
+    its commit, and its speed-ups are against the diffusers-eager row of its own call)."""
     if not rows:
         return []
     last = rows[-1]
     keep: dict[tuple[str, str], dict] = {}
     for r in rows:
-        if all(r.get(k) == last.get(k) for k in ("commit", "gpu", "dtype")) and r.get("impl") in ROWS \
+        if all(r.get(k) == last.get(k) for k in ("gpu", "dtype")) and r.get("impl") in ROWS \
                 and r.get("column") in COLUMNS:
             keep[(r["impl"], r["column"])] = r
     order = {(i, c): (a, b) for a, i in enumerate(ROWS) for b, c in enumerate(COLUMNS)}
@@ -235,7 +237,8 @@ def markdown(rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(k[1] == c for k in by)]
     last = rows[-1]
     steps = next((r["steps"] for r in rows if r["column"] == "t2i"), "")
-    lines = [f"{last.get('gpu')}, commit {last.get('commit')}, {last.get('date')}, {last.get('dtype')}, "
+    commits = ", ".join(dict.fromkeys(r.get("commit", "") for r in rows))
+    lines = [f"{last.get('gpu')}, commits {commits}, {last.get('date')}, {last.get('dtype')}, "
              f"torch {last.get('torch')}, diffusers {last.get('diffusers')}; bf16 matmul rate measured "
              f"{last.get('peak_tflops')} TFLOP/s" + (f"; text-to-image: {steps} steps" if steps else "") +
              ". Cells: time · speed-up over diffusers eager · roofline (TFLOP/s over the matmul rate).", ""]
