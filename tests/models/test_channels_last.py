@@ -42,21 +42,13 @@ import fusediff.kernels
 from fusediff.models import AutoencoderKL, Transformer2DModel, UNet2DConditionModel, UNet2DModel, Upsample2D, VQModel
 from fusediff.models import resnet
 from fusediff.models.resnet import upsample_nearest_2x_channels_last
+from support.configs import TINY_AUTOENCODER, TINY_COND_UNET, TINY_UNET
 from support.parity import assert_close, one_thread  # noqa: F401  (one_thread: autouse)
 
 CL = torch.channels_last
 RTOL = 1e-5  # max |channels-last - contiguous| / max |contiguous|, fp32
 
-UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=4, attention_head_dim=4)
-COND = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)
-AUTOENCODER = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
-
+UNET, COND, AUTOENCODER = TINY_UNET, TINY_COND_UNET, TINY_AUTOENCODER
 
 def _cases():
     """name -> (model class, config, inputs, run(model, *inputs) -> output map); the inputs are drawn from the

@@ -29,20 +29,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from fusediff import kernels as K
 from fusediff.kernels import _backend
 from fusediff.models import AutoencoderKL, Transformer2DModel, UNet2DConditionModel, UNet2DModel, VQModel
+from support.configs import TINY_AUTOENCODER, TINY_COND_UNET, TINY_UNET
 from support.parity import assert_close, one_thread  # noqa: F401  (one_thread: autouse)
 
 RTOL = 1e-5  # max |compiled - eager| / max |eager|, fp32
 
-UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=4, attention_head_dim=4)
-COND = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)
-AUTOENCODER = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
-
+UNET, COND, AUTOENCODER = TINY_UNET, TINY_COND_UNET, TINY_AUTOENCODER
 
 def _cases():
     """name -> (model class, config, inputs, fn(model, *inputs) -> output tensor); the inputs are seeded."""

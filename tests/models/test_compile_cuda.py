@@ -18,16 +18,12 @@ import torch._dynamo
 
 from fusediff import AutoencoderKL, UNet2DConditionModel
 from fusediff import kernels as K
+from support.configs import SD_LIKE_UNET, SD_LIKE_VAE
 from support.tolerance import assert_within_ref_error
 
 pytestmark = pytest.mark.gpu
 
-UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320, 640),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=768, attention_head_dim=8)
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512),
-           down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1)
+UNET, VAE = SD_LIKE_UNET, SD_LIKE_VAE
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 

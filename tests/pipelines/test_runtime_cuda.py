@@ -13,16 +13,11 @@ import torch
 
 import fusediff
 from fusediff.utils.cuda_graph import CUDAGraphCallable
+from support.configs import GPU_PIPE_UNET, GPU_PIPE_VAE
 
 pytestmark = pytest.mark.gpu
 
-UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
-            norm_num_groups=32)
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-           norm_num_groups=32, sample_size=32)
+UNET, VAE = GPU_PIPE_UNET, GPU_PIPE_VAE
 IMAGE_UNET = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
                   down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                   norm_num_groups=32)

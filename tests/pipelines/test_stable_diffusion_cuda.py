@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.configs import GPU_PIPE_UNET, GPU_PIPE_VAE
 
 from fusediff import (AutoencoderKL, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel)
 
 pytestmark = pytest.mark.gpu
 
-UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
-            norm_num_groups=32)
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-           norm_num_groups=32, sample_size=32)
+UNET, VAE = GPU_PIPE_UNET, GPU_PIPE_VAE
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SCHEDULERS = {"dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
               "euler_a": (EulerAncestralDiscreteScheduler, {})}
