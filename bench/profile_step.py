@@ -1,7 +1,7 @@
 """Kernel profile of one Stable Diffusion 1.5 UNet step and one VAE decode on a CUDA GPU, and the
 layout copies in them (issue 6, item 1: channels-last end to end, no layout copies in the step).
 
-Models: fusediff's UNet2DConditionModel with SD 1.5's config (SD15_UNET of bench_sd_models.py) for
+Models: fusediff's UNet2DConditionModel with SD 1.5's config (SD15_UNET of fusediff.benchmarks.models) for
 one denoising step, batch 2 (classifier-free guidance), 64x64 latents, 77 tokens of width 768; the
 SD VAE (SD_VAE) decoding one 64x64 latent to a 512x512 image. Random weights, eval mode, no grad,
 the fused kernels (FUSEDIFF_KERNELS=auto). Each call runs twice first (Triton compiles and
@@ -36,9 +36,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from bench_sd_models import SD15_UNET, SD_VAE  # noqa: E402
 
 from fusediff import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from fusediff.benchmarks.models import SD15_UNET, SD_VAE  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}

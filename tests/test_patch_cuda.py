@@ -15,22 +15,12 @@ from support.tolerance import assert_within_ref_error
 import fusediff
 from fusediff.kernels import _backend
 from fusediff.patching import report
+from support.configs import SD_SHAPED_UNETS
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float16, torch.bfloat16]
-UNETS = {
-    # SD 1.x shape: 8 heads, conv projections, cross-attention on 77 tokens
-    "sd1": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=96, attention_head_dim=8,
-                norm_num_groups=32),
-    # SD 2.x shape: head counts from a per-block list, linear projections, upcast attention
-    "sd2": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(80, 160),
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=96,
-                attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=16),
-}
+UNETS = SD_SHAPED_UNETS
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(64, 128),
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
            layers_per_block=1, norm_num_groups=32)

@@ -29,6 +29,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .utils.cli_types import positive_int
+
 DIGITS_MODEL = Path(__file__).parent / "assets" / "digits"
 SCHEDULERS = ("ddpm", "ddim", "pndm")
 # --scheduler of text-to-image pipelines: name -> (fusediff class, config overrides)
@@ -63,16 +65,6 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see '{self.prog} --help')", status=2)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fusediff", description="fusediff: diffusion sampling with fused kernels")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -82,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", choices=tuple(TEXT_SCHEDULERS), default=None, metavar="NAME",
                    help=f"sampler: {', '.join(SCHEDULERS)} (default ddim); with --prompt also "
                         f"{', '.join(n for n in TEXT_SCHEDULERS if n not in SCHEDULERS)} (default: the model's)")
-    s.add_argument("--steps", type=_positive, default=None, help="inference steps (default: 1000 ddpm, 50 otherwise)")
-    s.add_argument("--batch", type=_positive, default=None, help="number of images (default: 16, 1 with --prompt)")
+    s.add_argument("--steps", type=positive_int, default=None, help="inference steps (default: 1000 ddpm, 50 otherwise)")
+    s.add_argument("--batch", type=positive_int, default=None, help="number of images (default: 16, 1 with --prompt)")
     s.add_argument("--prompt", default=None, help="text to follow: runs a text-to-image model (SD, LDM)")
     s.add_argument("--negative-prompt", default=None, help="text to steer away from (Stable Diffusion)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
-    s.add_argument("--height", type=_positive, default=None, help="image height in pixels, a multiple of 8")
-    s.add_argument("--width", type=_positive, default=None, help="image width in pixels, a multiple of 8")
+    s.add_argument("--height", type=positive_int, default=None, help="image height in pixels, a multiple of 8")
+    s.add_argument("--width", type=positive_int, default=None, help="image width in pixels, a multiple of 8")
     s.add_argument("--seed", type=int, default=0, help="seed of the CPU generator (default: 0)")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     s.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")

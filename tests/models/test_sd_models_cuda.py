@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.configs import SD_SHAPED_UNETS
 
 from fusediff import AutoencoderKL, UNet2DConditionModel
 from fusediff import kernels as K
@@ -13,19 +14,7 @@ from support.tolerance import assert_within_ref_error
 
 pytestmark = pytest.mark.gpu
 
-UNETS = {
-    # SD 1.x shape: head count 8, conv projections, cross-attention on 77 tokens
-    "sd1": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=96, attention_head_dim=8,
-                norm_num_groups=32),
-    # SD 2.x shape: a per-block list in attention_head_dim (head counts 2 and 4, as diffusers reads it: head
-    # width 40 at both levels), linear projections, upcast attention
-    "sd2": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(80, 160),
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=96,
-                attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=16),
-}
+UNETS = SD_SHAPED_UNETS
 
 
 @pytest.mark.parametrize("name", list(UNETS))

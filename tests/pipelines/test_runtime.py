@@ -18,7 +18,7 @@ import torch
 from pipelines.tiny_sd import SCHEDULERS, SD_SCHEDULER, UNET, VAE
 
 import fusediff
-from fusediff.pipelines.runtime import in_layout, loop_timesteps, memory_format_of
+from fusediff.pipelines.runtime import in_layout, loop_timesteps, module_memory_format
 
 TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -95,11 +95,11 @@ def test_loop_timesteps_and_layout_helpers():
     assert host.device.type == "cpu" and host.tolist() == [981, 500, 1] and dev.device.type == "meta"
     unet = fusediff.UNet2DModel(**TINY_UNET)
     x = torch.randn(2, 3, 8, 8)
-    assert memory_format_of(unet) == torch.contiguous_format and in_layout(x, unet) is x
+    assert module_memory_format(unet) == torch.contiguous_format and in_layout(x, unet) is x
     unet.to(memory_format=torch.channels_last)
-    assert memory_format_of(unet) == torch.channels_last
+    assert module_memory_format(unet) == torch.channels_last
     assert in_layout(x, unet).is_contiguous(memory_format=torch.channels_last)
-    assert memory_format_of(object()) == torch.contiguous_format
+    assert module_memory_format(object()) == torch.contiguous_format
 
 
 def _seeded_sd_call(pipe, **kwargs):

@@ -48,6 +48,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..utils.cli_types import positive_int
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -310,22 +312,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
     parser.add_argument("--columns", nargs="+", type=_names_type(COLUMNS, "column"), default=None,
                         metavar="COLUMN", help=f"what is timed: {', '.join(COLUMNS)} (default: all)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp16")
-    parser.add_argument("--steps", type=_positive, default=50, help="denoising steps of the t2i column (default: 50)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps of the t2i column (default: 50)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                         help="torch.compile mode of the compile rows (default: default)")
     parser.add_argument("--report", action="store_true",
                         help=f"print the Markdown tables of the newest rows of --out/{CSV_NAME} and the targets; "
                              "measures nothing (no GPU needed)")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _flatten(groups: list[list[str]] | None) -> list[str] | None:

@@ -11,7 +11,7 @@ These are never saved with a pipeline (DESIGN.md, decision 8).
   (see "Limits"). Where capture is impossible (CPU tensors, an op that reads the device) the
   step runs eagerly, with a warning.
 - **Layout**: a model converted with ``model.to(memory_format=torch.channels_last)`` gets its
-  latents in channels-last too (:func:`memory_format_of`), so no step copies between layouts.
+  latents in channels-last too (:func:`module_memory_format`), so no step copies between layouts.
 - **No host reads in the loop**: the loop steps the scheduler with the timesteps' CPU copy
   (:func:`loop_timesteps`) and gives the model their device copy; schedulers keep their tables
   on the host and their noise is copied from pinned memory without waiting.
@@ -28,25 +28,25 @@ from typing import Any
 
 import torch
 
+from ..models.layout import memory_format_of
 from ..utils.cuda_graph import CUDAGraphCallable
 from ..utils.torch_utils import to_device
 
 
-def memory_format_of(module: Any) -> torch.memory_format:
-    """``torch.channels_last`` if the module's first 4-D weight is stored channels-last, else contiguous."""
+def module_memory_format(module: Any) -> torch.memory_format:
+    """The layout of ``module``'s first 4-D weight with more than one element per filter (its
+    convolutions' layout): ``torch.channels_last`` or ``torch.contiguous_format``."""
     if isinstance(module, torch.nn.Module):
         for p in module.parameters():
             if p.dim() == 4 and p.shape[1] * p.shape[2] * p.shape[3] > 1:
-                if not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
-                    return torch.channels_last
-                return torch.contiguous_format
+                return memory_format_of(p)
     return torch.contiguous_format
 
 
 def in_layout(x: torch.Tensor, module: Any) -> torch.Tensor:
     """``x`` (B, C, H, W) in channels-last if ``module``'s convolutions are (a copy only if it is not yet);
     otherwise ``x`` as it is, so that a contiguous model sees the tensors diffusers would give it."""
-    if x.dim() != 4 or memory_format_of(module) != torch.channels_last:
+    if x.dim() != 4 or module_memory_format(module) != torch.channels_last:
         return x
     return x.contiguous(memory_format=torch.channels_last)
 
