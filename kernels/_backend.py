@@ -84,15 +84,20 @@ def triton_module(op: str) -> ModuleType:
                            "or use FUSEDIFF_KERNELS=ref") from err
 
 
-def use_triton(x: torch.Tensor, dtypes: tuple, tensors) -> bool:
+def needs_grad(tensors) -> bool:
+    """Whether autograd is recording and some tensor of ``tensors`` (None allowed) requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def use_triton(x: torch.Tensor, dtypes: tuple, tensors, *, backward: bool = False) -> bool:
     """Whether a call on ``x`` runs an op's Triton kernels (DESIGN.md decision 2): not under the ref
-    backend, x's dtype in ``dtypes``, no tensor of ``tensors`` needing gradients; CUDA tensors when
-    Triton imports (or backend "fused", which then raises), CPU tensors only with backend "fused"
-    under TRITON_INTERPRET=1."""
+    backend, x's dtype in ``dtypes``, and no tensor of ``tensors`` needing gradients unless the op
+    has a fused backward (``backward=True``); CUDA tensors when Triton imports (or backend "fused",
+    which then raises), CPU tensors only with backend "fused" under TRITON_INTERPRET=1."""
     backend = get_backend()
     if backend == "ref" or x.dtype not in dtypes:
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if not backward and needs_grad(tensors):
         return False
     if x.is_cuda:
         return backend == "fused" or _have_triton()

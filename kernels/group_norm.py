@@ -24,13 +24,20 @@ Layout: any strides are accepted. The output has x's memory format when x is cha
 
 Limits: x is float32, float16, bfloat16 or float64; weight and bias may have any of those dtypes
 (they are upcast). The reference holds float32 copies of x while it runs (a few times x's size).
-Gradients flow through plain torch ops.
 
 Dispatch (DESIGN.md, decision 2): the Triton kernels of ``group_norm_triton.py`` run on CUDA
 tensors (and, with ``FUSEDIFF_KERNELS=fused`` and ``TRITON_INTERPRET=1``, on CPU tensors) that
 are float32, float16 or bfloat16 and contiguous or channels-last; float64, other strides, empty
-tensors, batch items of 2^31 elements or more and calls that need gradients run the reference. Under ``torch.compile`` the kernels are
-reached through the custom op ``torch.ops.fusediff.group_norm``.
+tensors and batch items of 2^31 elements or more run the reference, whose gradients flow
+through plain torch ops.
+
+Gradients on the fused path: when x, weight or bias requires a gradient, :class:`_FusedGroupNorm`
+runs the same forward kernels, which also write each group's float32 mean and rstd; it saves x,
+mean and rstd (not y) and its backward runs ``group_norm_backward_triton.py`` for dx, dweight
+and dbias (each in its input's dtype). Double backward raises. Under ``torch.compile`` the
+kernels are reached through custom ops: ``torch.ops.fusediff.group_norm`` (inference), and
+``fusediff::group_norm_fwd`` (y, mean, rstd) with ``fusediff::group_norm_bwd`` as its autograd
+formula, so a compiled training step traces in one graph.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._backend import _have_triton, _interpreting  # noqa: F401  (the tests read them here)
@@ -116,9 +124,13 @@ def _kernels() -> ModuleType:
     return _backend.triton_module("group_norm")
 
 
+def _backward_kernels() -> ModuleType:
+    return _backend.triton_module("group_norm_backward")
+
+
 def _use_fused(x: torch.Tensor, tensors) -> bool:
-    """Whether this call runs the Triton kernels (layout aside): DESIGN.md decision 2, no autograd."""
-    return _backend.use_triton(x, _FUSED_DTYPES, tensors)
+    """Whether this call runs the Triton kernels (layout aside): DESIGN.md decision 2, autograd included."""
+    return _backend.use_triton(x, _FUSED_DTYPES, tensors, backward=True)
 
 
 def _channels_last(x: torch.Tensor) -> bool | None:
@@ -136,13 +148,19 @@ def _fused(x, num_groups, weight, bias, eps, activation, channels_last):
     return _kernels().launch(x, num_groups, weight, bias, float(eps), activation == "silu", channels_last)
 
 
+def _dense_layout(x: torch.Tensor, op: str) -> bool:
+    """x's channels_last flag for the kernels, which index x as (B, C, S) in one of the two layouts."""
+    channels_last = _channels_last(x)
+    if channels_last is None:
+        raise ValueError(f"fusediff::{op}: x must be contiguous or channels-last; got strides {x.stride()}")
+    return channels_last
+
+
 @torch.library.custom_op("fusediff::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float, silu: bool) -> torch.Tensor:
     """The Triton GroupNorm(+SiLU) forward as a custom op; x contiguous or channels-last."""
-    channels_last = _channels_last(x)
-    if channels_last is None:  # the kernels index x as (B, C, S) in one of the two layouts
-        raise ValueError(f"fusediff::group_norm: x must be contiguous or channels-last; got strides {x.stride()}")
+    channels_last = _dense_layout(x, "group_norm")
     if x.numel() == 0:
         return torch.empty_like(x)
     return _kernels().launch(x, num_groups, weight, bias, eps, silu, channels_last)
@@ -151,6 +169,100 @@ def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
 @group_norm_op.register_fake
 def _(x, num_groups, weight, bias, eps, silu):
     return torch.empty_like(x)
+
+
+# --- training: the forward that keeps its statistics, the backward kernels, autograd ----------------
+
+
+def _grads_out(dx, dw, db, weight, bias, needs):
+    """(dx, dweight, dbias) as autograd wants them: None where not needed, parameters in their dtypes."""
+    return (dx if needs[0] else None,
+            dw.to(weight.dtype) if needs[1] and weight is not None else None,
+            db.to(bias.dtype) if needs[2] and bias is not None else None)
+
+
+class _FusedGroupNorm(torch.autograd.Function):
+    """Eager training path: the Triton forward (saving x, mean, rstd) and the Triton backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, silu, channels_last):
+        y, mean, rstd = _kernels().launch(x, num_groups, weight, bias, eps, silu, channels_last, return_stats=True)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.silu, ctx.channels_last = num_groups, silu, channels_last
+        return y
+
+    @staticmethod
+    @once_differentiable  # double backward raises a clear error
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _backward_kernels().launch_backward(dy, x, mean, rstd, weight, bias, ctx.num_groups, ctx.silu,
+                                                         ctx.channels_last)
+        return (*_grads_out(dx, dw, db, weight, bias, ctx.needs_input_grad), None, None, None, None)
+
+
+@torch.library.custom_op("fusediff::group_norm_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def group_norm_fwd_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton forward for training: y, and each group's float32 mean and rstd, (B, G)."""
+    channels_last = _dense_layout(x, "group_norm_fwd")
+    if x.numel() == 0:
+        stats = torch.zeros((x.shape[0], num_groups), dtype=torch.float32, device=x.device)
+        return torch.empty_like(x), stats, stats.clone()
+    return _kernels().launch(x, num_groups, weight, bias, eps, silu, channels_last, return_stats=True)
+
+
+@group_norm_fwd_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fusediff::group_norm_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def group_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                      weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
+                      silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton backward: dx (x's dtype and strides), dweight and dbias (float32, (C,))."""
+    channels_last = _dense_layout(x, "group_norm_bwd")
+    if x.numel() == 0:
+        zeros = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+        return torch.zeros_like(x), zeros, zeros.clone()
+    return _backward_kernels().launch_backward(dy, x, mean, rstd, weight, bias, num_groups, silu, channels_last)
+
+
+@group_norm_bwd_op.register_fake
+def _(dy, x, mean, rstd, weight, bias, num_groups, silu):
+    dw = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return torch.empty_like(x), dw, torch.empty_like(dw)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, _eps, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.silu = num_groups, silu
+
+
+def _fwd_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.fusediff.group_norm_bwd(dy, x, mean, rstd, weight, bias, ctx.num_groups, ctx.silu)
+    dx, dw, db = _grads_out(dx, dw, db, weight, bias, (True, True, True))
+    return dx, None, dw, db, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusediff::group_norm_bwd: double backward of the fused group_norm is not supported; "
+                       "use FUSEDIFF_KERNELS=ref for higher-order gradients")
+
+
+torch.library.register_autograd("fusediff::group_norm_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+torch.library.register_autograd("fusediff::group_norm_bwd", _no_double_backward)
+
+
+def _fused_train(x, num_groups, weight, bias, eps, activation, channels_last):
+    silu = activation == "silu"
+    if torch.compiler.is_compiling():
+        return torch.ops.fusediff.group_norm_fwd(x, num_groups, weight, bias, float(eps), silu)[0]
+    return _FusedGroupNorm.apply(x, weight, bias, num_groups, float(eps), silu, channels_last)
 
 
 def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -177,11 +289,14 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
 
     Returns:
         y of x's shape and dtype; in x's memory format when x is channels-last (3d), else
-        contiguous.
+        contiguous. Differentiable in x, weight and bias (once); on the fused path the backward
+        runs Triton kernels too.
     """
     _validate(x, num_groups, weight, bias, eps, activation)
     if 0 < x.numel() and x.numel() // x.shape[0] < 2**31 and _use_fused(x, (x, weight, bias)):
         channels_last = _channels_last(x)
         if channels_last is not None:
+            if _backend.needs_grad((x, weight, bias)):
+                return _fused_train(x, num_groups, weight, bias, eps, activation, channels_last)
             return _fused(x, num_groups, weight, bias, eps, activation, channels_last)
     return _ref(x, num_groups, weight, bias, eps, activation)

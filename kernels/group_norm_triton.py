@@ -21,7 +21,9 @@ Two plans, chosen on the host by :func:`plan`:
   one read for the statistics and one read plus one write for the output.
 
 Statistics and the affine + SiLU are in float32 for float32, float16 and bfloat16 x; y is
-rounded once to x's dtype. Limits: forward only (autograd goes to the reference); x dense in
+rounded once to x's dtype. For training, :func:`launch` also writes each group's float32 mean
+and rstd = 1/sqrt(var + eps) from the kernels that compute them (the one-pass program, or the
+merge), which the backward of ``group_norm_backward_triton.py`` reads. Limits: x dense in
 one of the two layouts (others go to the reference); offsets inside one batch item must fit
 in int32 (below 2^31 elements), batch offsets are int64.
 """
@@ -50,6 +52,8 @@ def _one_pass_kernel(
     Y,  # output, x's shape, dtype and strides
     W,  # weight (C,), read when HAS_W
     Bias,  # bias (C,), read when HAS_B
+    MEAN,  # float32 (B, G) out: each group's mean, written when WRITE_STATS
+    RSTD,  # float32 (B, G) out: each group's 1 / sqrt(var + eps), written when WRITE_STATS
     G,  # number of groups
     CPG,  # channels per group, C // G
     S,  # positions per channel: the product of the spatial sizes
@@ -57,6 +61,7 @@ def _one_pass_kernel(
     stride_w, stride_bias,  # element strides of weight and bias
     eps,  # added to the variance
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    WRITE_STATS: tl.constexpr,  # also write mean and rstd, for the backward
     BLOCK_C: tl.constexpr,  # >= CPG, a power of two
     BLOCK_S: tl.constexpr,  # >= S, a power of two
 ):
@@ -78,7 +83,11 @@ def _one_pass_kernel(
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
     d = tl.where(mask, x - mean, 0.0)
     var = tl.sum(tl.sum(d * d, axis=1), axis=0) / n
-    scale = tl.zeros([BLOCK_C], dtype=tl.float32) + tl.rsqrt(var + eps)  # (BLOCK_C,) per channel
+    rstd = tl.rsqrt(var + eps)
+    if WRITE_STATS:
+        tl.store(MEAN + pid, mean)
+        tl.store(RSTD + pid, rstd)
+    scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd  # (BLOCK_C,) per channel
     ch = g * CPG + c
     if HAS_W:
         scale = scale * tl.load(W + ch * stride_w, mask=c_ok, other=0.0).to(tl.float32)
@@ -149,10 +158,13 @@ def _finalize_kernel(
     PART,  # float32 (B, SPLIT, 2, C) from _channel_stats_kernel
     STAT,  # float32 (B, C, 2) out: per channel, the group's mean and rstd * weight
     W,  # weight (C,), read when HAS_W
+    MEAN,  # float32 (B, G) out: each group's mean, written when WRITE_STATS
+    RSTD,  # float32 (B, G) out: each group's 1 / sqrt(var + eps), written when WRITE_STATS
     G, CPG, C, S, S_PER_SPLIT, SPLIT,  # as in _channel_stats_kernel; G groups of CPG channels
     stride_w,  # element stride of weight
     eps,  # added to the variance
     HAS_W: tl.constexpr,
+    WRITE_STATS: tl.constexpr,  # also write mean and rstd, for the backward
     BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,  # tile of partials, powers of two, BLOCK_C >= CPG
 ):
     pid = tl.program_id(0)  # (b, g)
@@ -183,6 +195,9 @@ def _finalize_kernel(
         dm = mu - mean
         acc += tl.where(mask, m2 + cnt[:, None] * dm * dm, 0.0)
     rstd = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / n + eps)
+    if WRITE_STATS:
+        tl.store(MEAN + pid, mean)
+        tl.store(RSTD + pid, rstd)
     scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
     if HAS_W:
         scale = scale * tl.load(W + c * stride_w, mask=c_ok, other=0.0).to(tl.float32)
@@ -261,13 +276,15 @@ def plan(x: torch.Tensor, num_groups: int) -> str:
 
 def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
            eps: float, silu: bool, channels_last: bool, out: torch.Tensor | None = None,
-           force_plan: str | None = None) -> torch.Tensor:
+           force_plan: str | None = None, return_stats: bool = False):
     """y = group_norm(x) (+ SiLU) by the Triton kernels; x validated, non-empty and dense in the
     layout named; ``out`` (x's shape, dtype and strides) receives y if given. ``force_plan``
-    ("one_pass" or "split"; for tests and benchmarks) overrides :func:`plan`."""
+    ("one_pass" or "split"; for tests and benchmarks) overrides :func:`plan`. With
+    ``return_stats`` the result is (y, mean, rstd), the last two float32 (B, G), written by the
+    same kernels (no extra pass) for :mod:`group_norm_backward_triton`."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):
-            return launch(x, num_groups, weight, bias, eps, silu, channels_last, out, force_plan)
+            return launch(x, num_groups, weight, bias, eps, silu, channels_last, out, force_plan, return_stats)
     batch, channels = x.shape[0], x.shape[1]
     s = x.numel() // (batch * channels)
     cpg = channels // num_groups
@@ -277,6 +294,12 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
     bb = bias if bias is not None else x
     stride_w = w.stride(0) if weight is not None else 0
     stride_bias = bb.stride(0) if bias is not None else 0
+    if return_stats:
+        mean = torch.empty((batch, num_groups), dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+    else:
+        mean = rstd = y  # placeholder pointers, never written
+    result = (y, mean, rstd) if return_stats else y
     which = force_plan or plan(x, num_groups)
     if which == "one_pass":
         full_c, full_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
@@ -284,10 +307,10 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
             raise ValueError(f"group_norm: a group of {cpg} x {s} does not fit the one-pass plan")
         warps = min(16, max(1, full_c * full_s // ONE_PASS_ELEMS_PER_WARP))
         _one_pass_kernel[(batch * num_groups,)](
-            x, y, w, bb, num_groups, cpg, s, *strides, stride_w, stride_bias, eps,
-            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+            x, y, w, bb, mean, rstd, num_groups, cpg, s, *strides, stride_w, stride_bias, eps,
+            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WRITE_STATS=return_stats,
             BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps)
-        return y
+        return result
     # split: per-channel partial statistics, one merge per group, then the elementwise apply
     block_c, block_s = _tile(channels, s, channels_last, TILE)
     n_c = _cdiv(channels, block_c)
@@ -301,9 +324,9 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
     _channel_stats_kernel[(n_c, split, batch)](x, part, channels, s, s_per_split, split, *strides, **tile)
     block_split = min(triton.next_power_of_2(split), max(1, FINALIZE_TILE // triton.next_power_of_2(cpg)))
     _finalize_kernel[(batch * num_groups,)](
-        part, stat, w, num_groups, cpg, channels, s, s_per_split, split, stride_w, eps,
-        HAS_W=weight is not None, BLOCK_SPLIT=block_split, BLOCK_C=triton.next_power_of_2(cpg), num_warps=4)
+        part, stat, w, mean, rstd, num_groups, cpg, channels, s, s_per_split, split, stride_w, eps,
+        HAS_W=weight is not None, WRITE_STATS=return_stats, BLOCK_SPLIT=block_split, BLOCK_C=triton.next_power_of_2(cpg), num_warps=4)
     _apply_kernel[(batch * n_c * _cdiv(s, block_s),)](
         x, y, stat, bb, channels, s, *strides, stride_bias,
         HAS_B=bias is not None, SILU=silu, **tile)
-    return y
+    return result
