@@ -1,8 +1,9 @@
 """The handwritten-digits data behind fusediff's shipped model, and the classifier that checks it.
 
 The data are scikit-learn's bundled 8x8 digits (1,797 images, values 0-16, ink bright on a
-dark background; from the UCI optical recognition of handwritten digits set). They are
-upscaled bilinearly to ``size`` x ``size`` and mapped to [-1, 1], ink at +1. The classifier is
+dark background; from the UCI optical recognition of handwritten digits set), upscaled
+bilinearly to ``size`` x ``size`` and mapped to [-1, 1], ink at +1, by
+:func:`fusediff.training.digits.load_digits_images`. The classifier is
 a small multilayer perceptron fit to the same upscaled real digits and to a class of images that
 are not digits; it judges whether samples of the model are recognisable digits, and
 :data:`CONFIDENT` is the probability of a digit class it must reach for a sample to count as
@@ -15,20 +16,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SIZE = 16  # side of the upscaled images the model is trained on
+from fusediff.training.digits import SIZE
+from fusediff.training.digits import load_digits_images as _load_digits_images
+
 CONFIDENT = 0.8  # class probability above which a label counts as confident
 NOT_A_DIGIT = 10  # the classifier's reject class
 
 
 def load_digits_images(size: int = SIZE) -> tuple[torch.Tensor, np.ndarray]:
-    """Real digits as a (N, 1, size, size) float32 tensor in [-1, 1], and their labels (N,)."""
-    from sklearn.datasets import load_digits
+    """Real digits as a (N, 1, size, size) float32 tensor in [-1, 1], and their labels (N,) as a numpy array.
 
-    data = load_digits()
-    pixels = torch.from_numpy(data.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]
-    if size != pixels.shape[-1]:
-        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
-    return (pixels.clamp(0, 1) * 2 - 1).contiguous(), data.target.copy()
+    The data come from :func:`fusediff.training.digits.load_digits_images`; labels stay numpy here,
+    as the classifier below uses them."""
+    images, labels = _load_digits_images(size)
+    return images, labels.numpy()
 
 
 def non_digits(n: int, seed: int, size: int = SIZE) -> torch.Tensor:

@@ -12,6 +12,14 @@ software give the same weights (deterministic algorithms are enforced); the ship
 made on the GPU named in ``python/fusediff/assets/digits/TRAINING.md``, about 6 minutes there. At
 the end the script samples 256 digits with 50 DDIM steps on the CPU and reports how many the
 classifier of ``digits_data.py`` labels with confidence.
+
+This script is kept as it is so that the shipped weights stay reproducible: its recipe (batches drawn
+with replacement from one generator, a constant-decay EMA) is not the one of ``fusediff train``
+(:mod:`fusediff.training`: seeded epoch permutations, diffusers' EMA schedule, checkpoints and resume,
+data parallel). The same UNet, schedule and optimiser settings as a class-conditional model with
+classifier-free guidance are trained with
+
+    fusediff train --conditional --out DIR --seed 0          (or python -m fusediff.training.cli ...)
 """
 
 from __future__ import annotations
