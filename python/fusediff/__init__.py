@@ -48,6 +48,7 @@ _EXPORTS = {
     "StableDiffusionImg2ImgPipeline": "pipelines",
     "StableDiffusionInpaintPipeline": "pipelines",
     "LDMTextToImagePipeline": "pipelines",
+    "ClassConditionalPipeline": "pipelines",
     "StableDiffusionPipelineOutput": "pipelines",
     "patch": "patching",
     "unpatch": "patching",

@@ -1,21 +1,33 @@
-"""The ``fusediff`` command: sample images from a pipeline, and report versions and kernel backends.
+"""The ``fusediff`` command: sample images from a pipeline, train a model, and report versions and
+kernel backends.
 
     fusediff sample [--model DIR_OR_REPO] [--scheduler ddpm|ddim|pndm] [--steps N] [--batch N]
                     [--seed S] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
                     (--out GRID.png | --out-dir DIR)
+    fusediff sample --model digits-cond [--class C[,C...]]... [--guidance S] [--scheduler NAME] ...
     fusediff sample --model DIR_OR_REPO --prompt TEXT [--negative-prompt TEXT] [--guidance S]
                     [--height H --width W] [--scheduler NAME] [--steps N] [--batch N] ...
+    fusediff train --out DIR [...]        (see ``fusediff train --help`` and :mod:`fusediff.training.cli`)
     fusediff info
     fusediff bench pipeline [--out DIR] [--rows ROW ...] [--columns COL ...] [--dtype fp16|bf16]
                             [--steps N] [--compile-mode MODE] [--report]
 
-Without ``--model`` it samples the digits model shipped inside the package. With ``--prompt`` it
-runs a text-to-image pipeline (Stable Diffusion, LDM; needs ``pip install "fusediff[text]"``);
-``--scheduler`` then takes any of TEXT_SCHEDULERS (default: the model's own), ``--batch`` is the
-number of images (default 1). The seed feeds a CPU generator, so a seed gives the same images on
-every device (up to arithmetic rounding). Bad arguments and missing models end with one line on
-stderr and exit status 2 or 1. ``fusediff bench pipeline`` times fusediff against HF diffusers on
-a CUDA GPU (see :mod:`fusediff.benchmarks.pipeline`) and appends rows to ``--out``/pipeline.csv.
+Without ``--model`` it samples the digits model shipped inside the package; ``--model digits`` and
+``--model digits-cond`` name the shipped unconditional and class-conditional digits models (write
+``./digits`` for a local directory of that name). A class-conditional model (a
+``ClassConditionalPipeline``, or any UNet + scheduler directory whose UNet has a class-embedding
+table) draws the classes of ``--class`` (repeatable or comma-separated), repeated in order to fill
+``--batch`` images (default: 16 for one class, one image per class for several); without
+``--class`` it cycles through all its classes. ``--guidance`` is its classifier-free guidance
+scale (default: the model's), and ``--scheduler`` takes any of TEXT_SCHEDULERS (default: the
+model's, DDIM for a trained model). With ``--prompt`` it runs a text-to-image pipeline (Stable
+Diffusion, LDM; needs ``pip install "fusediff[text]"``); ``--scheduler`` then takes any of
+TEXT_SCHEDULERS (default: the model's own), ``--batch`` is the number of images (default 1). The
+seed feeds a CPU generator, so a seed gives the same images on every device (up to arithmetic
+rounding). Bad arguments and missing models end with one line on stderr and exit status 2 or 1.
+``fusediff train`` is :mod:`fusediff.training.cli`, imported only when that command runs.
+``fusediff bench pipeline`` times fusediff against HF diffusers on a CUDA GPU (see
+:mod:`fusediff.benchmarks.pipeline`) and appends rows to ``--out``/pipeline.csv.
 """
 
 from __future__ import annotations
@@ -31,7 +43,11 @@ from pathlib import Path
 
 from .utils.cli_types import positive_int
 
-DIGITS_MODEL = Path(__file__).parent / "assets" / "digits"
+ASSETS = Path(__file__).parent / "assets"
+DIGITS_MODEL = ASSETS / "digits"
+DIGITS_COND_MODEL = ASSETS / "digits-cond"
+# --model names of the models shipped inside the package
+SHIPPED_MODELS = {"digits": DIGITS_MODEL, "digits-cond": DIGITS_COND_MODEL}
 SCHEDULERS = ("ddpm", "ddim", "pndm")
 # --scheduler of text-to-image pipelines: name -> (fusediff class, config overrides)
 TEXT_SCHEDULERS = {
@@ -48,7 +64,7 @@ TEXT_SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "pndm": 50}
-TEXT_ONLY_OPTIONS = ("negative_prompt", "guidance", "height", "width")
+TEXT_ONLY_OPTIONS = ("negative_prompt", "height", "width")  # --guidance: text or class-conditional models
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -65,20 +81,38 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see '{self.prog} --help')", status=2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fusediff", description="fusediff: diffusion sampling with fused kernels")
+def class_list(text: str) -> list[int]:
+    """``--class`` values: one integer or several separated by commas ("7", "0,1,2")."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def build_parser(with_training: bool = False) -> argparse.ArgumentParser:
+    """The command's parser; ``with_training`` adds the options of ``fusediff train`` (importing
+    :mod:`fusediff.training.cli`), which other commands do without."""
+    parser = _Parser(prog="fusediff", description="fusediff: diffusion sampling and training with fused kernels")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     s = sub.add_parser("sample", help="sample images from a pipeline and write PNGs")
     s.add_argument("--model", default=None,
-                   help="pipeline directory or Hub repo id (default: the shipped digits model)")
+                   help="pipeline directory, Hub repo id, or a shipped model: "
+                        f"{', '.join(SHIPPED_MODELS)} (default: digits)")
+    s.add_argument("--class", dest="class_labels", type=class_list, action="append", default=None, metavar="C",
+                   help="class(es) to draw from a class-conditional model: repeatable or comma-separated "
+                        "(default: all classes in turn)")
     s.add_argument("--scheduler", choices=tuple(TEXT_SCHEDULERS), default=None, metavar="NAME",
-                   help=f"sampler: {', '.join(SCHEDULERS)} (default ddim); with --prompt also "
-                        f"{', '.join(n for n in TEXT_SCHEDULERS if n not in SCHEDULERS)} (default: the model's)")
+                   help=f"sampler: {', '.join(SCHEDULERS)} (default ddim); with --prompt or a class-conditional "
+                        f"model also {', '.join(n for n in TEXT_SCHEDULERS if n not in SCHEDULERS)} "
+                        "(default: the model's)")
     s.add_argument("--steps", type=positive_int, default=None, help="inference steps (default: 1000 ddpm, 50 otherwise)")
-    s.add_argument("--batch", type=positive_int, default=None, help="number of images (default: 16, 1 with --prompt)")
+    s.add_argument("--batch", type=positive_int, default=None,
+                   help="number of images (default: 16; 1 with --prompt; one per class with several --class)")
     s.add_argument("--prompt", default=None, help="text to follow: runs a text-to-image model (SD, LDM)")
     s.add_argument("--negative-prompt", default=None, help="text to steer away from (Stable Diffusion)")
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of a text-to-image or class-conditional model "
+                        "(default: the pipeline's)")
     s.add_argument("--height", type=positive_int, default=None, help="image height in pixels, a multiple of 8")
     s.add_argument("--width", type=positive_int, default=None, help="image width in pixels, a multiple of 8")
     s.add_argument("--seed", type=int, default=0, help="seed of the CPU generator (default: 0)")
@@ -88,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     out = s.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", type=Path, help="write all images as one grid PNG here")
     out.add_argument("--out-dir", type=Path, help="write one PNG per image into this directory")
+    t = sub.add_parser("train", help="train a model on the bundled digits and write a pipeline directory")
+    if with_training:
+        from .training import cli as training_cli
+
+        training_cli.add_arguments(t)
     sub.add_parser("info", help="print versions, devices and the kernel backend of each op")
     b = sub.add_parser("bench", help="benchmark fusediff against HF diffusers on a CUDA GPU")
     benchmarks = b.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
@@ -99,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_pipeline(args: argparse.Namespace):
+def _load_pipeline(args: argparse.Namespace, source, loaded):
+    """The loaded UNet + scheduler pipeline as the DDPM, DDIM or PNDM pipeline of ``--scheduler``."""
     from . import DDIMPipeline, DDPMPipeline, DDPMScheduler, PNDMPipeline
 
-    source, loaded = _from_pretrained(args)
     if _is_text_pipeline(loaded):
         raise CliError(f"{str(source)!r} holds a text-to-image {type(loaded).__name__}: pass --prompt")
     if not hasattr(loaded, "unet") or not hasattr(loaded, "scheduler"):
@@ -124,11 +163,22 @@ def _from_pretrained(args: argparse.Namespace):
         raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
     if args.quiet:
         _quiet_transformers()
-    source = args.model if args.model is not None else DIGITS_MODEL
+    source = _model_source(args.model)
     try:
         return source, DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, DTYPES[args.dtype]))
     except (OSError, ValueError, TypeError, ImportError) as e:
         raise CliError(f"cannot load model {str(source)!r}: {e}") from None
+
+
+def _model_source(model: str | None):
+    """``--model`` as given, or the directory of a shipped model's name (default: the digits model)."""
+    name = "digits" if model is None else model
+    if name not in SHIPPED_MODELS:
+        return model
+    path = SHIPPED_MODELS[name]
+    if not (path / "model_index.json").is_file():
+        raise CliError(f"the shipped model {name!r} is not in this installation ({str(path)!r} is missing)")
+    return path
 
 
 def _is_text_pipeline(pipe) -> bool:
@@ -139,8 +189,12 @@ def _is_text_pipeline(pipe) -> bool:
 
 
 def _check_text_arguments(args: argparse.Namespace) -> None:
-    """Options that only text-to-image sampling takes; a one-line error (status 2) otherwise."""
+    """Options that only text-to-image sampling takes; a one-line error (status 2) otherwise. (Options
+    whose validity depends on the model, --guidance, --class and --scheduler, are checked once it is loaded.)"""
     if args.prompt is not None:
+        if args.class_labels is not None:
+            raise CliError("--class draws classes of a class-conditional model; it does not go with --prompt",
+                           status=2)
         for name in ("height", "width"):
             value = getattr(args, name)
             if value is not None and value % 8:
@@ -149,9 +203,41 @@ def _check_text_arguments(args: argparse.Namespace) -> None:
     given = [f"--{o.replace('_', '-')}" for o in TEXT_ONLY_OPTIONS if getattr(args, o) is not None]
     if given:
         raise CliError(f"{', '.join(given)} needs --prompt (a text-to-image model)", status=2)
+
+
+def _check_unconditional_arguments(args: argparse.Namespace, source, loaded) -> None:
+    """Options an unconditional model takes no part of: --guidance, --class, the text schedulers."""
+    if args.guidance is not None:
+        raise CliError(f"--guidance needs --prompt (a text-to-image model) or a class-conditional model; "
+                       f"{str(source)!r} holds a {type(loaded).__name__}", status=2)
+    if args.class_labels is not None:
+        raise CliError(f"--class: {str(source)!r} holds a {type(loaded).__name__} that is not class-conditional "
+                       "(its UNet has no class embedding)")
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise CliError(f"argument --scheduler: invalid choice: {args.scheduler!r} without --prompt "
-                       f"(choose from {', '.join(SCHEDULERS)}; the others need a text-to-image model)", status=2)
+                       f"(choose from {', '.join(SCHEDULERS)}; the others need a text-to-image or "
+                       "class-conditional model)", status=2)
+
+
+def _image_samples(args: argparse.Namespace) -> list:
+    """Images of a model without a prompt: class-conditional or unconditional."""
+    import torch
+
+    from .cli_class import as_class_conditional, class_images
+
+    source, loaded = _from_pretrained(args)
+    conditional = as_class_conditional(loaded)
+    if conditional is not None:
+        return class_images(args, conditional)
+    _check_unconditional_arguments(args, source, loaded)
+    args.scheduler = args.scheduler or "ddim"
+    pipe = _load_pipeline(args, source, loaded)
+    steps = args.steps or DEFAULT_STEPS[args.scheduler]
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    try:
+        return pipe(batch_size=args.batch or 16, num_inference_steps=steps, generator=generator).images
+    except ValueError as e:  # e.g. more steps than the scheduler was trained with
+        raise CliError(str(e)) from None
 
 
 def _quiet_transformers() -> None:
@@ -241,24 +327,12 @@ def make_grid(images: list, pad: int = 2):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise CliError(f"--out must name a .png file; got {str(args.out)!r}")
     if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
         raise CliError(f"--out-dir {str(args.out_dir)!r} exists and is not a directory")
     _check_text_arguments(args)
-    if args.prompt is not None:
-        images = _text_images(args)
-    else:
-        args.scheduler = args.scheduler or "ddim"
-        pipe = _load_pipeline(args)
-        steps = args.steps or DEFAULT_STEPS[args.scheduler]
-        generator = torch.Generator("cpu").manual_seed(args.seed)
-        try:
-            images = pipe(batch_size=args.batch or 16, num_inference_steps=steps, generator=generator).images
-        except ValueError as e:  # e.g. more steps than the scheduler was trained with
-            raise CliError(str(e)) from None
+    images = _text_images(args) if args.prompt is not None else _image_samples(args)
     if args.out is not None:
         _save_png(make_grid(images), args.out)
         print(f"wrote {len(images)} images as a grid to {args.out}")
@@ -267,6 +341,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             _save_png(img, args.out_dir / f"sample_{i:04d}.png")
         print(f"wrote {len(images)} images to {args.out_dir}/")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import cli as training_cli
+
+    return training_cli.run(args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -312,10 +392,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusediff`` console script; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        parser = build_parser(with_training=argv[:1] == ["train"])
         args = parser.parse_args(argv)
-        return {"sample": cmd_sample, "info": cmd_info, "bench": cmd_bench}[args.command](args)
+        commands = {"sample": cmd_sample, "train": cmd_train, "info": cmd_info, "bench": cmd_bench}
+        return commands[args.command](args)
     except CliError as e:
         print(f"fusediff: error: {e}", file=sys.stderr)
         return e.status

@@ -121,19 +121,21 @@ def timesteps_for_batch(value: torch.Tensor | float | int, batch: int, device: t
 def check_index_range(indices: torch.Tensor, size: int, what: str) -> None:
     """Raise unless ``indices`` are integers in [0, size).
 
-    Eager mode reads the extremes back and raises ValueError naming them. Under ``torch.compile``
-    the values are not known while tracing and reading them back would break the graph, so the
-    check is an assertion inside the graph instead (RuntimeError on the CPU, a device-side assert
-    on CUDA, where an out-of-range embedding index would be one anyway). While a CUDA graph
-    records, the check is skipped.
+    CPU tensors are read: an out-of-range value is a ValueError naming the extremes. CUDA (and meta) tensors
+    are never read back (that would make every model call wait for the GPU, in sampling and
+    training loops alike): the check is a device-side assertion (``torch._assert_async``, a
+    RuntimeError when the stream next synchronises), as an out-of-range embedding index would
+    be anyway; pipelines and the trainer check labels on the host before they reach the device.
+    Under ``torch.compile`` the check is the same assertion inside the graph (RuntimeError on
+    the CPU). While a CUDA graph records, the check is skipped.
     """
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise TypeError(f"{what} indices must be an integer tensor; got {indices.dtype}")
-    if torch.compiler.is_compiling():
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # an assertion kernel inside a captured graph would fire on every replay's memory
+    if torch.compiler.is_compiling() or indices.device.type != "cpu":
         torch._assert_async(((indices >= 0) & (indices < size)).all(), f"{what} indices must lie in [0, {size})")
         return
-    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
-        return  # reading the values back would break the capture
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
         raise ValueError(f"{what} indices must lie in [0, {size}); got values from {int(indices.min())} "
                          f"to {int(indices.max())}")

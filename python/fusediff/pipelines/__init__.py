@@ -14,6 +14,7 @@ _LAZY = {
     "StableDiffusionImg2ImgPipeline": "pipeline_stable_diffusion_img2img",
     "StableDiffusionInpaintPipeline": "pipeline_stable_diffusion_inpaint",
     "LDMTextToImagePipeline": "pipeline_latent_diffusion",
+    "ClassConditionalPipeline": "pipeline_class_conditional",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 

@@ -305,6 +305,8 @@ class DiffusionPipeline(SamplingRuntime, ConfigMixin):
         import fusediff
 
         name = index.get("_class_name")
+        if isinstance(name, (list, tuple)) and len(name) == 2 and name[0] in ("fusediff", "diffusers"):
+            name = name[1]  # ["library", "ClassName"], as components are named
         pipeline_cls = getattr(fusediff, name, None) if isinstance(name, str) else None
         if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
             raise ValueError(f"model_index.json names pipeline class {name!r}, which fusediff does not have")
