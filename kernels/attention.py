@@ -24,7 +24,17 @@ bfloat16 heads on CUDA, e.g. the single 512-wide head of SD's VAE mid-block, run
 (below); the rest run the reference, which materialises the float32 scores of as many query
 rows at a time as fit in REF_SCORE_BYTES (256 MiB; every row's softmax is its own, so the
 chunks give the same rows), bounding its memory, e.g. for that VAE head at 1024x1024. No
-mask, dropout, causal flag or grouped-query heads. Gradients flow through plain torch ops.
+mask, dropout, causal flag or grouped-query heads.
+
+Gradients: where q, k or v requires a gradient, the Triton path runs as well, forward and backward
+(:class:`_FlashAttention`): the forward also stores each row's log-sum-exp (float32 (B, H, Sq), in
+base 2: log2 sum_j exp(scale * q_i . k_j)), and ``attention_backward_triton.py`` computes dq, dk and
+dv from q, k, v, out, that log-sum-exp and dout as FlashAttention-2's backward does (Dao 2023,
+arXiv:2307.08691, Algorithm 2; deterministic, no atomics). Each gradient has its input's shape and,
+where the input is dense, its strides (torch.empty_like: a (B, S, H, D) projection viewed with
+.transpose(1, 2) gets its gradient in that layout), else is contiguous. The fused backward is not
+twice differentiable (DOUBLE_BACKWARD_ERROR on a second derivative). Every other call (the reference,
+and SDPA's path, which then is not taken with gradients) differentiates through plain torch ops.
 
 Dispatch (DESIGN.md, decision 2): the flash-attention Triton kernel of ``attention_triton.py``
 runs on CUDA tensors (and, with ``FUSEDIFF_KERNELS=fused`` and ``TRITON_INTERPRET=1``, on CPU
@@ -41,10 +51,12 @@ FlashAttention), one final rounding, no scores in memory; within DESIGN.md's tol
 Inputs it does not take would get SDPA's math backend, which upcasts to float32 and
 materialises every score, the reference without its memory bound: they run the reference.
 (With the memory-efficient backend switched off, torch.backends.cuda.enable_mem_efficient_sdp,
-SDPA runs its math backend for those calls.) float64, the other D > 256 cases, no keys
-(Sk = 0), empty tensors and calls that need gradients run the reference;
+SDPA runs its math backend for those calls.) float64, the other D > 256 cases (and every
+D > 256 call that needs gradients), no keys (Sk = 0) and empty tensors run the reference;
 ``FUSEDIFF_KERNELS=ref`` runs it always. Under ``torch.compile`` the Triton kernel is reached
-through the custom op ``torch.ops.fusediff.attention``; SDPA is traced as itself.
+through the custom op ``torch.ops.fusediff.attention``, or, where gradients are needed, through
+``torch.ops.fusediff.attention_fwd`` (which also returns the log-sum-exp), whose autograd formula
+(``torch.library.register_autograd``) is the op ``fusediff.attention_bwd``; SDPA is traced as itself.
 """
 
 from __future__ import annotations
@@ -138,9 +150,14 @@ def _kernels() -> ModuleType:
     return _backend.triton_module("attention")
 
 
+def _backward_kernels() -> ModuleType:
+    return _backend.triton_module("attention_backward")
+
+
 def _use_fused(q: torch.Tensor, tensors) -> bool:
-    """Whether this call runs the Triton kernel (shape aside): DESIGN.md decision 2, no autograd."""
-    return _backend.use_triton(q, _FUSED_DTYPES, tensors)
+    """Whether this call runs the Triton kernels (shape aside): DESIGN.md decision 2; with autograd too,
+    the Triton backward then computing the gradients."""
+    return _backend.use_triton(q, _FUSED_DTYPES, tensors, backward=True)
 
 
 def _fused_shape(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -149,9 +166,59 @@ def _fused_shape(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def _fused(q, k, v, scale, out_layout):
+    """The Triton forward; where q, k or v needs a gradient, through :class:`_FlashAttention` (eager) or
+    the differentiable op ``fusediff::attention_fwd`` (torch.compile), whose backward is the Triton one."""
+    if _backend.needs_grad((q, k, v)):
+        if torch.compiler.is_compiling():
+            return torch.ops.fusediff.attention_fwd(q, k, v, scale, out_layout == "bshd")[0]
+        return _FlashAttention.apply(q, k, v, scale, out_layout)
     if torch.compiler.is_compiling():
         return torch.ops.fusediff.attention(q, k, v, scale, out_layout == "bshd")
     return _kernels().launch(q, k, v, scale, out=_empty_out(q, out_layout))
+
+
+def _forward_with_lse(q, k, v, scale, out_layout):
+    """(out, lse, out_lo) by the Triton forward: lse float32 (B, H, Sq), each row's log-sum-exp in base 2;
+    out_lo out's rounding residual for float16/bfloat16 (None for float32), which the backward reads."""
+    out = _empty_out(q, out_layout)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)  # (B, H, Sq)
+    out_lo = None if q.dtype == torch.float32 else torch.empty_like(out)
+    _kernels().launch(q, k, v, scale, out=out, lse=lse, out_lo=out_lo)
+    return out, lse, out_lo
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Eager autograd of the Triton path: the forward saves q, k, v, out, the base-2 log-sum-exp and out's
+    rounding residual; the backward runs attention_backward_triton (FlashAttention-2's Algorithm 2).
+    Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, out_layout):
+        out, lse, out_lo = _forward_with_lse(q, k, v, scale, out_layout)
+        ctx.save_for_backward(q, k, v, out, lse, out_lo)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, out_lo = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _backward_kernels().launch(dout, q, k, v, out, lse, ctx.scale, out_lo)
+        return (*_once_differentiable(grads), None, None)
+
+
+DOUBLE_BACKWARD_ERROR = ("attention: the fused Triton backward is not twice differentiable; for higher-order "
+                         "gradients run the reference (fusediff.kernels.use_backend('ref') or FUSEDIFF_KERNELS=ref)")
+
+
+def _once_differentiable(grads: tuple) -> tuple:
+    """``grads`` as they are, or, under create_graph=True, behind a node that raises DOUBLE_BACKWARD_ERROR
+    when differentiated (torch.autograd.function.once_differentiable's device, here also when the output
+    gradient does not require grad, since q, k and v do)."""
+    if not torch.is_grad_enabled():
+        return grads
+    err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(grads))
+    return err(*(g.detach().requires_grad_() for g in grads))
 
 
 def _use_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> bool:
@@ -202,6 +269,71 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 @attention_op.register_fake
 def _(q, k, v, scale, bshd_out=False):
     return _empty_out(q, "bshd" if bshd_out else "bhsd")  # (B, H, Sq, D) with the real op's strides
+
+
+def _check_op(name: str, q: torch.Tensor) -> None:
+    if q.dtype not in _FUSED_DTYPES:
+        raise ValueError(f"fusediff::{name}: q must be float32, float16 or bfloat16; got {q.dtype}")
+    if q.shape[3] > MAX_FUSED_HEAD_DIM:
+        raise ValueError(f"fusediff::{name}: head size D must be at most {MAX_FUSED_HEAD_DIM}; got {q.shape[3]}")
+
+
+@torch.library.custom_op("fusediff::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     bshd_out: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fusediff::attention that also returns lse, float32 (B, H, Sq): each row's log-sum-exp of its logits
+    in base 2, log2(sum_j exp(scale * q_i . k_j)) (-inf with no keys), and out_lo: for float16/bfloat16
+    out's rounding residual (out's shape and strides), for float32 an empty tensor. Differentiable in q, k,
+    v (register_autograd: fusediff::attention_bwd); lse and out_lo are not differentiable."""
+    _check_op("attention_fwd", q)
+    out, lse, out_lo = _attention_fwd_fake(q, k, v, scale, bshd_out)
+    if q.numel() == 0 or k.numel() == 0:
+        return out.zero_(), lse.fill_(float("-inf")), out_lo.zero_()
+    _kernels().launch(q, k, v, scale, out=out, lse=lse, out_lo=out_lo if out_lo.numel() else None)
+    return out, lse, out_lo
+
+
+@attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, scale, bshd_out=False):
+    out = _empty_out(q, "bshd" if bshd_out else "bhsd")
+    out_lo = q.new_empty(0) if q.dtype == torch.float32 else torch.empty_like(out)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32), out_lo
+
+
+@torch.library.custom_op("fusediff::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, out_lo: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of fusediff::attention_fwd by the Triton backward, from its three outputs and the output
+    gradient ``dout`` (any strides). Each gradient has its input's shape, and its strides where the input
+    is dense (torch.empty_like), else is contiguous."""
+    _check_op("attention_bwd", q)
+    if q.numel() == 0 or k.numel() == 0:  # no queries or no keys: every gradient is zero
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return _backward_kernels().launch(dout, q, k, v, out, lse, scale, out_lo if out_lo.numel() else None)
+
+
+@attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, out_lo, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_attention_fwd(ctx, inputs, output):
+    q, k, v, scale, _ = inputs
+    out, lse, out_lo = output
+    ctx.save_for_backward(q, k, v, out, lse, out_lo)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse, out_lo)
+
+
+def _attention_fwd_backward(ctx, dout, dlse, dout_lo):
+    """Gradients of q, k, v by fusediff::attention_bwd (lse and out_lo are not differentiable)."""
+    q, k, v, out, lse, out_lo = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fusediff.attention_bwd(dout, q, k, v, out, lse, out_lo, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("fusediff::attention_fwd", _attention_fwd_backward, setup_context=_setup_attention_fwd)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,

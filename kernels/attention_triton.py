@@ -28,7 +28,12 @@ Sk bucket, dtype). Under TRITON_INTERPRET=1 (CPU tests) the kernel runs with ``I
 and no tuning. Loop warp specialization (``tl.range(..., warp_specialize=True)``) is in the
 space only when ``FUSEDIFF_ATTENTION_WARP_SPECIALIZE=1`` and the device is sm_90 or newer.
 
-Limits: forward only (autograd goes to the reference); float32, float16 and bfloat16 (float32
+Backward: with ``lse=`` the kernel also stores each row's log-sum-exp, in base 2 like its logits
+(L2 = m + log2(l), the natural log-sum-exp times log2(e)), one float32 per row, which
+attention_backward_triton.py reads to recompute P; with ``out_lo=`` also the output's rounding
+residual (see attention_backward_triton.py); without them nothing more is stored (constexprs).
+
+Limits: float32, float16 and bfloat16 (float32
 products are IEEE, not TF32); 1 <= D <= 256; Sk >= 1 and no empty tensors (the caller handles
 those); no mask, dropout or causal flag.
 """
@@ -134,6 +139,8 @@ def _attend_tile(
 def _attention_fwd_kernel(
     Q, K, V,  # inputs: q (B, H, Sq, D), k and v (B, H, Sk, D), any strides, one dtype
     O,  # output (B, H, Sq, D) in q's dtype
+    LSE,  # output if WRITE_LSE: float32 (B, H, Sq) contiguous, the base-2 log-sum-exp of each row's logits
+    O_LO,  # output if WRITE_O_LO: (B, H, Sq, D) in q's dtype with O's strides, the rounding residual of O
     stride_qb, stride_qh, stride_qs, stride_qd,  # element strides of q over (B, H, Sq, D)
     stride_kb, stride_kh, stride_ks, stride_kd,  # element strides of k over (B, H, Sk, D)
     stride_vb, stride_vh, stride_vs, stride_vd,  # element strides of v over (B, H, Sk, D)
@@ -151,6 +158,8 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program, a power of two >= 16
     BLOCK_N: tl.constexpr,  # keys per tile, a power of two >= 16
     WARP_SPECIALIZE: tl.constexpr,  # warp-specialize the key loop (Hopper and newer, opt-in)
+    WRITE_LSE: tl.constexpr,  # also store L2 = m + log2(l) per row, for the backward
+    WRITE_O_LO: tl.constexpr,  # also store out - round(out), for the backward's D = rowsum(dO * out)
 ):
     tl.static_assert(HEAD_DIM <= BLOCK_D, "BLOCK_D must hold the head size")
     tl.static_assert(BLOCK_D <= 256, "head sizes above 256 go to the reference")
@@ -201,9 +210,16 @@ def _attention_fwd_kernel(
                                      True, NEG_SCALE, INPUT_PRECISION, DOT_IN_FP32)
     # 5. normalise (l >= 1: the maximal key contributes exp2(0)) and round once; rows past Sq are dropped
     out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
-    o_ptrs += offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    o_offs = b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
+    o_offs += offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    o_mask = m_ok[:, None] & d_ok[None, :]
+    rounded = out.to(O.dtype.element_ty)
+    tl.store(O + o_offs, rounded, mask=o_mask)
+    if WRITE_O_LO:  # what the rounding lost, itself rounded: out = rounded + lo to about 2^-16 relative
+        tl.store(O_LO + o_offs, (out - rounded.to(tl.float32)).to(O.dtype.element_ty), mask=o_mask)
+    # 6. for the backward: L2 = log2(sum_j exp2(s_j)) = m + log2(l), natural log-sum-exp times log2(e)
+    if WRITE_LSE:
+        tl.store(LSE + bh.to(tl.int64) * SQ + start_m + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
 
 
 def block_d(head_dim: int) -> int:
@@ -264,14 +280,19 @@ _tuned_kernel = triton.autotune(configs=_ALL_CONFIGS, key=["BLOCK_D", "SQ_BUCKET
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-           config: dict | None = None) -> torch.Tensor:
+           config: dict | None = None, *, lse: torch.Tensor | None = None,
+           out_lo: torch.Tensor | None = None) -> torch.Tensor:
     """out = attention(q, k, v, scale) by the Triton kernel; inputs validated, 1 <= D <= 256, Sk >= 1 and
     none empty. ``out`` ((B, H, Sq, D), q's dtype, any strides) receives the result if given, else a
-    contiguous tensor is allocated. ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages; for tests
-    and benchmarks) skips the autotuner."""
+    contiguous tensor is allocated. ``lse`` (float32 (B, H, Sq) contiguous), if given, receives each
+    row's log-sum-exp in base 2, log2(sum_j exp(scale * q_i . k_j)) (the natural one times log2(e)),
+    which the backward (attention_backward_triton.launch) reads; ``out_lo`` (out's dtype, shape and strides),
+    if given, receives out's rounding residual (float32 out minus the stored out, rounded), from which the
+    backward's D = rowsum(dO * out) is exact to float32. Without them the kernel stores nothing more.
+    ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages; for tests and benchmarks) skips the autotuner."""
     if q.is_cuda and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):
-            return launch(q, k, v, scale, out, config)
+            return launch(q, k, v, scale, out, config, lse=lse, out_lo=out_lo)
     batch, heads, sq, head_dim = q.shape
     sk = k.shape[2]
     if not (1 <= head_dim <= MAX_HEAD_DIM and sk >= 1 and q.numel() > 0):
@@ -279,13 +300,21 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if out is None:
         out = torch.empty((batch, heads, sq, head_dim), dtype=q.dtype, device=q.device)  # (B, H, Sq, D)
+    if lse is not None and (lse.shape != (batch, heads, sq) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"attention: lse must be float32 contiguous of shape {(batch, heads, sq)}; "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
     interpreting = _interpreting()
-    args = (q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, sq, sk,
+    if out_lo is not None and (out_lo.dtype != q.dtype or out_lo.shape != out.shape or out_lo.stride() != out.stride()):
+        raise ValueError("attention: out_lo must have out's dtype, shape and strides")
+    # placeholder pointers for the outputs not asked for (their constexpr flag keeps them untouched)
+    lse_arg, lo_arg = out if lse is None else lse, out if out_lo is None else out_lo
+    args = (q, k, v, out, lse_arg, lo_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, sq, sk,
             float(scale) * LOG2E, seq_bucket(sq), seq_bucket(sk))
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), NEG_SCALE=scale < 0,
                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 DOT_IN_FP32=interpreting and q.dtype == torch.bfloat16,
-                ALIGN=stride_align(q.element_size(), q, k, v, out))
+                ALIGN=stride_align(q.element_size(), q, k, v, out), WRITE_LSE=lse is not None,
+                WRITE_O_LO=out_lo is not None)
     if config is None and interpreting:
         config = INTERPRETER_CONFIG
     if config is not None:

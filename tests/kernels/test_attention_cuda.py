@@ -171,7 +171,7 @@ def test_public_function_under_torch_compile():
                             "torch.compile")
 
 
-def test_autograd_falls_back_to_the_reference():
+def test_autograd_runs_and_gives_finite_gradients():
     q, k, v = (t.float().requires_grad_() for t in qkv(1, 2, 50, 77, 40, torch.float16, seed=6))
     out = K.attention(q, k, v)
     out.sum().backward()
