@@ -8,8 +8,8 @@ input tensors the graph reads, replays, and returns the static loss tensor (over
 next call: clone what you keep, and read it with ``.item()`` only when you log, as that waits).
 
 Requirements and limits:
-- The optimizer must be built with ``capturable=True`` (torch's Adam/AdamW/SGD support it; use
-  ``fused=True`` too for one kernel), so its step count lives on the device. A learning-rate
+- An optimizer that keeps a step count (Adam, AdamW, ...) must be built with ``capturable=True``
+  (use ``fused=True`` too for one kernel), so the count lives on the device; SGD needs nothing. A learning-rate
   schedule must write the rate into a tensor ``lr`` in place (``group["lr"].fill_(value)``),
   since a Python float would be baked into the graph.
 - Inputs are CUDA tensors of fixed shapes, dtypes and strides: a different signature raises
@@ -34,7 +34,8 @@ class CUDAGraphTrainStep:
 
     Args:
         loss_fn: called as ``loss_fn(*batch)``; runs the model and returns a scalar loss tensor.
-        optimizer: a torch optimizer with ``capturable=True`` over the parameters ``loss_fn`` trains.
+        optimizer: a torch optimizer over the parameters ``loss_fn`` trains; ``capturable=True`` where it
+            has that option.
         clip_grad_norm: if set, gradients are clipped to this total L2 norm before the step
             (``torch.nn.utils.clip_grad_norm_``, which stays on the device).
         warmup: eager steps on a side stream before capture (cuDNN/Triton autotuning and lazy
@@ -43,7 +44,7 @@ class CUDAGraphTrainStep:
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, *,
                  clip_grad_norm: float | None = None, warmup: int = 3) -> None:
-        if not all(group.get("capturable", False) for group in optimizer.param_groups):
+        if "capturable" in optimizer.defaults and not all(g["capturable"] for g in optimizer.param_groups):
             raise ValueError("CUDAGraphTrainStep: the optimizer must be built with capturable=True "
                              "(e.g. torch.optim.AdamW(params, lr=torch.tensor(1e-4), fused=True, capturable=True))")
         if warmup < 1:
