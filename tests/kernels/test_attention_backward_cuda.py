@@ -43,8 +43,12 @@ def grads(fn, q, k, v, dout):
     return torch.autograd.grad(fn(*leaves), leaves, dout)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+# every shape in fp16 and bf16; fp32 on the smaller ones (the fp64 reference of the 4096-long
+# self-attention takes most of this file's time)
+CASES = [(s, d) for s in SHAPES for d in DTYPES if d != torch.float32 or s[2] * s[3] <= 1024 * 1024 and s[0] <= 4]
+
+
+@pytest.mark.parametrize("shape, dtype", CASES, ids=str)
 def test_gradients_sd_shapes(shape, dtype, monkeypatch):
     q, k, v, dout = qkv_dout(*shape, dtype, seed=sum(shape))
     calls = record_calls(monkeypatch, AT._backward_kernels(), "launch")
