@@ -63,14 +63,17 @@ def test_loop_never_synchronises(scheduler, scale):
     assert out.device.type == "cuda" and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_graph_replays_equal_the_eager_loop(dtype):
-    pipe = _pipe("euler_a", dtype)
+# Euler ancestral starts from x_T scaled by sigma_max (~160 for this schedule), which overflows a random
+# fp16 UNet to NaN in eager and graph alike: DDIM (unit-scale x_T) for fp16
+@pytest.mark.parametrize("dtype, scheduler", [(torch.float32, "euler_a"), (torch.float16, "ddim")])
+def test_cuda_graph_replays_equal_the_eager_loop(dtype, scheduler):
+    pipe = _pipe(scheduler, dtype)
     calls = [dict(), dict(labels=(0, 9, 9), seed=4, scale=5.0), dict(seed=1, steps=6)]
     eager = [_call(pipe, **c) for c in calls]
     pipe.enable_cuda_graph()
     graphed = [_call(pipe, **c) for c in calls]
     for c, e, g in zip(calls, eager, graphed):
+        assert torch.isfinite(e).all(), f"{c}: the eager images are not finite"
         assert torch.equal(e, g), f"{c}: max |diff| {(e.float() - g.float()).abs().max().item():.3g}"
     assert "unet step" in pipe.__dict__.get("_cuda_graphs", {})
 

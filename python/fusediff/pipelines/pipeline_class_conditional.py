@@ -183,8 +183,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         model_labels = labels + [self.null_class] * batch if guided else labels
         model_labels = to_device(torch.tensor(model_labels, dtype=torch.long), device)
         # 2. timesteps (host copy for the scheduler, device copy for the model), then x_T as diffusers draws it
-        host_timesteps, _ = tc.retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        host_timesteps, timesteps = loop_timesteps(host_timesteps, device)
+        self.scheduler.set_timesteps(num_inference_steps)  # on the host: no pageable copy to wait for
+        host_timesteps, timesteps = loop_timesteps(self.scheduler.timesteps, device)
         size = self.unet.config.sample_size
         spatial = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch, self.unet.config.in_channels, *spatial)
