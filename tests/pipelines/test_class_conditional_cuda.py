@@ -56,7 +56,8 @@ def _no_sync():
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_loop_never_synchronises(scheduler, scale):
-    pipe = _pipe(scheduler, torch.float16)
+    # fp32: guided Euler/DPM steps from sigma_max overflow a random fp16 UNet (no sync, but inf images)
+    pipe = _pipe(scheduler, torch.float32)
     _call(pipe, scale=scale)  # warm-up: lazy kernels, pinned buffers
     with _no_sync():
         out = _call(pipe, scale=scale)

@@ -44,8 +44,10 @@ from . import text_conditioning as tc
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, check_output_type, postprocess_images
 from .runtime import in_layout, loop_timesteps
 
-# Default guidance scale of a pipeline built for a model with a null class without naming one.
-DEFAULT_GUIDANCE_SCALE = 2.0
+# Default guidance scale of a pipeline built for a model with a null class without naming one: plain
+# conditional sampling. (The shipped digits model draws the requested class best that way: 0.99 of 256
+# samples at 1.0, 0.90 at 2.0, 0.43 at 3.0; guidance pushes its small images into saturation.)
+DEFAULT_GUIDANCE_SCALE = 1.0
 ClassLabels = int | Sequence[int] | torch.Tensor
 
 
@@ -73,8 +75,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         null_class_label: the class-embedding row of the unconditional ("null") class: an index into
             the table, negative ones counting from its end (default -1, the last row), or None if the
             model has none (then only ``guidance_scale=1`` is possible).
-        guidance_scale: the default guidance scale of calls, saved in model_index.json (None: 2.0 with a
-            null class, else 1.0).
+        guidance_scale: the default guidance scale of calls, saved in model_index.json (None: 1.0,
+            DEFAULT_GUIDANCE_SCALE).
     """
 
     _config_arguments = ("null_class_label", "guidance_scale")
