@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .group_norm_triton import _cdiv, _sm_count, _tile
+from .group_norm_triton import _cdiv, _sm_count, _tile, padded_group_size
 
 TILE = 4096  # elements per tile of the split plan (x and dy each)
 TILE_WARPS = 4  # warps per program of the split plan's sums and dx kernels
@@ -255,9 +255,7 @@ def _param_grad_kernel(
 
 def fits_one_pass(x: torch.Tensor, num_groups: int) -> bool:
     """Whether x and dy of a padded group fit in one backward program's registers."""
-    batch, channels = x.shape[0], x.shape[1]
-    s = x.numel() // (batch * channels)
-    return triton.next_power_of_2(channels // num_groups) * triton.next_power_of_2(s) <= ONE_PASS_MAX
+    return padded_group_size(x, num_groups) <= ONE_PASS_MAX
 
 
 def plan(x: torch.Tensor, num_groups: int) -> str:

@@ -262,11 +262,16 @@ def _tile(cpg: int, s: int, channels_last: bool, limit: int) -> tuple[int, int]:
     return min(bc, max(1, limit // bs)), bs
 
 
-def fits_one_pass(x: torch.Tensor, num_groups: int) -> bool:
-    """Whether a padded group of x fits in one program's registers."""
+def padded_group_size(x: torch.Tensor, num_groups: int) -> int:
+    """Elements of one (b, g) group padded to power-of-two tiles: next_pow2(C/G) * next_pow2(spatial)."""
     batch, channels = x.shape[0], x.shape[1]
     s = x.numel() // (batch * channels)
-    return triton.next_power_of_2(channels // num_groups) * triton.next_power_of_2(s) <= ONE_PASS_MAX
+    return triton.next_power_of_2(channels // num_groups) * triton.next_power_of_2(s)
+
+
+def fits_one_pass(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether a padded group of x fits in one program's registers."""
+    return padded_group_size(x, num_groups) <= ONE_PASS_MAX
 
 
 def plan(x: torch.Tensor, num_groups: int) -> str:

@@ -9,13 +9,12 @@ loop alone.
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
+from support.cuda_sync import no_sync
 
 import fusediff
-import fusediff.models.unet_2d
 from fusediff import ClassConditionalPipeline, UNet2DModel
 
 pytestmark = pytest.mark.gpu
@@ -43,14 +42,6 @@ def _call(pipe, labels=(1, 7, 3), seed=0, scale=3.0, steps=4):
                 generator=torch.Generator().manual_seed(seed), output_type="pt").images
 
 
-@contextlib.contextmanager
-def _no_sync():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
@@ -59,7 +50,7 @@ def test_loop_never_synchronises(scheduler, scale):
     # fp32: guided Euler/DPM steps from sigma_max overflow a random fp16 UNet (no sync, but inf images)
     pipe = _pipe(scheduler, torch.float32)
     _call(pipe, scale=scale)  # warm-up: lazy kernels, pinned buffers
-    with _no_sync():
+    with no_sync():
         out = _call(pipe, scale=scale)
     assert out.device.type == "cuda" and torch.isfinite(out).all()
 

@@ -5,7 +5,6 @@ count change, the fallback where capture fails, and channels-last pipelines."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import fusediff
 from fusediff.utils.cuda_graph import CUDAGraphCallable
 from support.configs import GPU_PIPE_UNET, GPU_PIPE_VAE
+from support.cuda_sync import no_sync
 
 pytestmark = pytest.mark.gpu
 
@@ -58,20 +58,12 @@ def _call(pipe, seed=0, embeds_seed=1, guidance_scale=5.0, steps=4, images=1, **
                 output_type="latent", **size, **kwargs).images
 
 
-@contextlib.contextmanager
-def _no_sync():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def _sync_checked(fn):
     @functools.wraps(fn)
     def checked(*args, **kwargs):
-        with _no_sync():
+        with no_sync():
             return fn(*args, **kwargs)
     return checked
 
@@ -102,7 +94,7 @@ def test_unconditional_loops_never_synchronise(cls):
     pipe = getattr(fusediff, cls)(unet=fusediff.UNet2DModel(**IMAGE_UNET).eval().to("cuda", torch.float16),
                                   scheduler=fusediff.DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
-    with _no_sync():
+    with no_sync():
         images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
                       output_type="pt").images  # "pt" stays on the device: no copy back
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()

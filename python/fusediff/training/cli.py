@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..utils.cli_types import positive_int
+from ..utils.cli_types import non_negative_int, positive_float, positive_int, probability, unit_interval
 
 NUM_CLASSES = 10
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
@@ -55,46 +55,6 @@ class _Parser(argparse.ArgumentParser):
         raise TrainCliError(f"{message} (see '{self.prog} --help')", status=2)
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _decay(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``fusediff train`` to ``parser``."""
     import torch
@@ -106,25 +66,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory: the pipeline, samples/, checkpoints/")
     parser.add_argument("--conditional", action="store_true",
                         help="class-conditional model with classifier-free guidance")
-    parser.add_argument("--cfg-drop-prob", type=_probability, default=None,
+    parser.add_argument("--cfg-drop-prob", type=probability, default=None,
                         help="with --conditional: probability of training on the null label (default 0.1)")
     parser.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     parser.add_argument("--batch", type=positive_int, default=d.batch_size,
                         help=f"global batch size over all processes and micro-steps (default {d.batch_size})")
     parser.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
                         help="micro-steps per optimizer step (default 1)")
-    parser.add_argument("--lr", type=_positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    parser.add_argument("--warmup", type=_non_negative_int, default=d.warmup,
+    parser.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--warmup", type=non_negative_int, default=d.warmup,
                         help=f"learning-rate warm-up steps (default {d.warmup})")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=d.mixed_precision,
                         help="autocast dtype of the forward (default no: fp32)")
-    parser.add_argument("--ema-decay", type=_decay, default=d.ema_decay, help=f"EMA decay (default {d.ema_decay})")
+    parser.add_argument("--ema-decay", type=unit_interval, default=d.ema_decay, help=f"EMA decay (default {d.ema_decay})")
     parser.add_argument("--ema-warmup", action="store_true", help="EMA decay warm-up (1 - (1 + step) ** -2/3)")
-    parser.add_argument("--sample-every", type=_non_negative_int, default=0,
+    parser.add_argument("--sample-every", type=non_negative_int, default=0,
                         help="write a sample grid to OUT/samples every N steps and at the end (default 0: never)")
-    parser.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                         help="write a checkpoint every N steps and at the end (default 0: never)")
-    parser.add_argument("--keep-checkpoints", type=_non_negative_int, default=d.keep_checkpoints,
+    parser.add_argument("--keep-checkpoints", type=non_negative_int, default=d.keep_checkpoints,
                         help=f"newest checkpoints kept, 0 for all (default {d.keep_checkpoints})")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="latest|DIR",
                         help="continue from OUT's latest checkpoint, or from a checkpoint directory")
@@ -134,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device (default cuda when available); under torchrun cuda:LOCAL_RANK")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon",
                         help="what the model predicts (default epsilon)")
-    parser.add_argument("--snr-gamma", type=_positive_float, default=None,
+    parser.add_argument("--snr-gamma", type=positive_float, default=None,
                         help="min-SNR-gamma loss weighting with this gamma (default: plain MSE)")
     parser.add_argument("--model-config", choices=tuple(MODEL_CONFIGS), default="digits",
                         help="UNet preset (default digits: the shipped model's)")
@@ -144,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     parser.add_argument("--channels-last", action="store_true", help="NHWC UNet and inputs")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no messages")
-    parser.add_argument("--dist-timeout", type=_positive_float, default=1800.0, help=argparse.SUPPRESS)
+    parser.add_argument("--dist-timeout", type=positive_float, default=1800.0, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
