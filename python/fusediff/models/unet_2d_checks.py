@@ -125,7 +125,7 @@ def check_index_range(indices: torch.Tensor, size: int, what: str) -> None:
     are never read back (that would make every model call wait for the GPU, in sampling and
     training loops alike): the check is a device-side assertion (``torch._assert_async``, a
     RuntimeError when the stream next synchronises), as an out-of-range embedding index would
-    be anyway; pipelines and the trainer check labels on the host before they reach the device.
+    be anyway; ClassConditionalPipeline checks its labels on the host before they reach the device.
     Under ``torch.compile`` the check is the same assertion inside the graph (RuntimeError on
     the CPU). While a CUDA graph records, the check is skipped.
     """
