@@ -41,7 +41,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .utils.cli_types import positive_int
+from .utils.cli_types import CliError, OneLineParser, positive_int
 
 ASSETS = Path(__file__).parent / "assets"
 DIGITS_MODEL = ASSETS / "digits"
@@ -68,19 +68,6 @@ TEXT_ONLY_OPTIONS = ("negative_prompt", "height", "width")  # --guidance: text o
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-class CliError(Exception):
-    """An error reported to the user as one line, without a traceback; ``status`` is the exit code."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise CliError(f"{message} (see '{self.prog} --help')", status=2)
-
-
 def class_list(text: str) -> list[int]:
     """``--class`` values: one integer or several separated by commas ("7", "0,1,2")."""
     try:
@@ -92,8 +79,8 @@ def class_list(text: str) -> list[int]:
 def build_parser(with_training: bool = False) -> argparse.ArgumentParser:
     """The command's parser; ``with_training`` adds the options of ``fusediff train`` (importing
     :mod:`fusediff.training.cli`), which other commands do without."""
-    parser = _Parser(prog="fusediff", description="fusediff: diffusion sampling and training with fused kernels")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="fusediff", description="fusediff: diffusion sampling and training with fused kernels")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     s = sub.add_parser("sample", help="sample images from a pipeline and write PNGs")
     s.add_argument("--model", default=None,
                    help="pipeline directory, Hub repo id, or a shipped model: "
@@ -129,7 +116,7 @@ def build_parser(with_training: bool = False) -> argparse.ArgumentParser:
         training_cli.add_arguments(t)
     sub.add_parser("info", help="print versions, devices and the kernel backend of each op")
     b = sub.add_parser("bench", help="benchmark fusediff against HF diffusers on a CUDA GPU")
-    benchmarks = b.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    benchmarks = b.add_subparsers(dest="benchmark", required=True, parser_class=OneLineParser)
     from .benchmarks import pipeline  # argparse and csv only: torch is imported when it runs
 
     p = benchmarks.add_parser("pipeline", help="UNet step, VAE decode, text-to-image call and CIFAR-10 UNet: "

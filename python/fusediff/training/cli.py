@@ -25,7 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..utils.cli_types import non_negative_int, positive_float, positive_int, probability, unit_interval
+from ..utils.cli_types import (CliError, OneLineParser, non_negative_int, positive_float, positive_int, probability,
+                               unit_interval)
 
 NUM_CLASSES = 10
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
@@ -40,19 +41,6 @@ MODEL_CONFIGS = {
                  norm_num_groups=4, attention_head_dim=8),
 }
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-
-
-class TrainCliError(Exception):
-    """A training-command error shown as one line without a traceback; ``status`` is the exit code."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise TrainCliError(f"{message} (see '{self.prog} --help')", status=2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,30 +97,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The stand-alone parser of ``python -m fusediff.training.cli`` (one-line errors)."""
-    parser = _Parser(prog="fusediff train", description="train a diffusion model on the bundled digits")
+    parser = OneLineParser(prog="fusediff train", description="train a diffusion model on the bundled digits")
     add_arguments(parser)
     return parser
 
 
 def _check(args: argparse.Namespace) -> None:
     if args.cfg_drop_prob is not None and not args.conditional:
-        raise TrainCliError("--cfg-drop-prob needs --conditional", status=2)
+        raise CliError("--cfg-drop-prob needs --conditional", status=2)
     if args.batch % args.grad_accum:
-        raise TrainCliError(f"--batch {args.batch} must be divisible by --grad-accum {args.grad_accum}", status=2)
+        raise CliError(f"--batch {args.batch} must be divisible by --grad-accum {args.grad_accum}", status=2)
     if args.out.exists() and not args.out.is_dir():
-        raise TrainCliError(f"--out {str(args.out)!r} exists and is not a directory")
+        raise CliError(f"--out {str(args.out)!r} exists and is not a directory")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise TrainCliError("--device cuda: no CUDA device is available (use --device cpu)")
+            raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
     if args.resume is not None:
         from .checkpoint import resolve_checkpoint
 
         try:
             resolve_checkpoint(args.out, args.resume)
         except FileNotFoundError as e:
-            raise TrainCliError(f"--resume: {e}") from None
+            raise CliError(f"--resume: {e}") from None
 
 
 def build_sampler(args: argparse.Namespace):
@@ -168,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``fusediff train`` with parsed ``args``; returns the exit status (errors: one line on stderr)."""
     try:
         return _run(args)
-    except TrainCliError as e:
+    except CliError as e:
         print(f"fusediff train: error: {e}", file=sys.stderr)
         return e.status
 
@@ -182,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         data = DigitsDataset(size=args.image_size, with_labels=args.conditional)
     except ImportError as e:
-        raise TrainCliError(str(e)) from None
+        raise CliError(str(e)) from None
     config = TrainConfig(steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr,
                          warmup=args.warmup, mixed_precision=args.mixed_precision, ema_decay=args.ema_decay,
                          ema_warmup=args.ema_warmup, sample_every=args.sample_every,
@@ -192,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config.validate(int(os.environ.get("WORLD_SIZE") or 1))
     except ValueError as e:
-        raise TrainCliError(str(e), status=2) from None
+        raise CliError(str(e), status=2) from None
     with D.distributed(args.device, timeout_s=args.dist_timeout) as info:
         unet, sampler, scheduler = build_sampler(args)
         trainer = Trainer(sampler.to(info.device), data, config, args.out, unet=unet, scheduler=scheduler,
@@ -201,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 where = trainer.resume(args.resume)
             except (ValueError, FileNotFoundError) as e:
-                raise TrainCliError(f"--resume: {e}") from None
+                raise CliError(f"--resume: {e}") from None
             if info.is_main and not args.quiet:
                 print(f"resumed from {where} at step {trainer.step}")
         trainer.train()
@@ -214,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m fusediff.training.cli``); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-    except TrainCliError as e:
+    except CliError as e:
         print(f"fusediff train: error: {e}", file=sys.stderr)
         return e.status
     try:
