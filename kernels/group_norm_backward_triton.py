@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .group_norm_triton import _cdiv, _sm_count, _tile, padded_group_size
+from .group_norm_triton import _cdiv, padded_group_size, split_geometry
 
 TILE = 4096  # elements per tile of the split plan (x and dy each)
 TILE_WARPS = 4  # warps per program of the split plan's sums and dx kernels
@@ -305,12 +305,8 @@ def launch_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd:
             x, dy, dx, mean, rstd, w, bb, csum, num_groups, cpg, channels, s, *strides, stride_w, stride_bias,
             **flags, BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps)
     else:
-        block_c, block_s = _tile(channels, s, channels_last, TILE)  # as the forward's split plan
-        n_c = _cdiv(channels, block_c)
-        want = _cdiv(PROGRAMS_PER_SM * _sm_count(x.device), batch * n_c)
-        split = max(1, min(want, _cdiv(s, block_s), MAX_SPLIT))
-        s_per_split = _cdiv(_cdiv(s, split), block_s) * block_s  # whole tiles per range
-        split = _cdiv(s, s_per_split)
+        block_c, block_s, n_c, split, s_per_split = split_geometry(x, s, channels_last, TILE, PROGRAMS_PER_SM,
+                                                                  MAX_SPLIT)
         part = torch.empty((batch, split, 2, channels), dtype=torch.float32, device=x.device)
         coef = torch.empty((batch, num_groups, 2), dtype=torch.float32, device=x.device)
         tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=TILE_WARPS)

@@ -262,6 +262,21 @@ def _tile(cpg: int, s: int, channels_last: bool, limit: int) -> tuple[int, int]:
     return min(bc, max(1, limit // bs)), bs
 
 
+def split_geometry(x: torch.Tensor, s: int, channels_last: bool, tile: int, programs_per_sm: int,
+                   max_split: int) -> tuple[int, int, int, int, int]:
+    """The split plan's grid over x (B, C, S): tiles of (block_c, block_s) within ``tile`` elements, n_c
+    channel tiles, and each channel's S positions cut into ``split`` ranges of ``s_per_split`` (whole
+    tiles; at most ``max_split``), enough that B * n_c * split programs fill ``programs_per_sm`` per SM.
+    Returns (block_c, block_s, n_c, split, s_per_split); the backward's split plan uses it too."""
+    batch, channels = x.shape[0], x.shape[1]
+    block_c, block_s = _tile(channels, s, channels_last, tile)
+    n_c = _cdiv(channels, block_c)
+    want = _cdiv(programs_per_sm * _sm_count(x.device), batch * n_c)
+    split = max(1, min(want, _cdiv(s, block_s), max_split))
+    s_per_split = _cdiv(_cdiv(s, split), block_s) * block_s  # whole tiles per range
+    return block_c, block_s, n_c, _cdiv(s, s_per_split), s_per_split
+
+
 def padded_group_size(x: torch.Tensor, num_groups: int) -> int:
     """Elements of one (b, g) group padded to power-of-two tiles: next_pow2(C/G) * next_pow2(spatial)."""
     batch, channels = x.shape[0], x.shape[1]
@@ -317,12 +332,7 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
             BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps)
         return result
     # split: per-channel partial statistics, one merge per group, then the elementwise apply
-    block_c, block_s = _tile(channels, s, channels_last, TILE)
-    n_c = _cdiv(channels, block_c)
-    want = _cdiv(PROGRAMS_PER_SM * _sm_count(x.device), batch * n_c)
-    split = max(1, min(want, _cdiv(s, block_s), MAX_SPLIT))
-    s_per_split = _cdiv(_cdiv(s, split), block_s) * block_s  # whole tiles per range
-    split = _cdiv(s, s_per_split)
+    block_c, block_s, n_c, split, s_per_split = split_geometry(x, s, channels_last, TILE, PROGRAMS_PER_SM, MAX_SPLIT)
     part = torch.empty((batch, split, 2, channels), dtype=torch.float32, device=x.device)
     stat = torch.empty((batch, channels, 2), dtype=torch.float32, device=x.device)
     tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=TILE_WARPS)
