@@ -11,6 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import kernels  # noqa: E402
+from .schedulers.registry import exports as _scheduler_exports  # noqa: E402
 from .utils.lazy import lazy_exports  # noqa: E402
 
 # public name -> submodule that defines it
@@ -27,18 +28,7 @@ _EXPORTS = {
     "AutoencoderKL": "models",
     "VQModel": "models",
     "LDMBertModel": "models",
-    "SchedulerMixin": "schedulers",
-    "SchedulerOutput": "schedulers",
-    "DDPMScheduler": "schedulers",
-    "DDIMScheduler": "schedulers",
-    "PNDMScheduler": "schedulers",
-    "EulerDiscreteScheduler": "schedulers",
-    "EulerAncestralDiscreteScheduler": "schedulers",
-    "HeunDiscreteScheduler": "schedulers",
-    "LMSDiscreteScheduler": "schedulers",
-    "DPMSolverMultistepScheduler": "schedulers",
-    "DEISMultistepScheduler": "schedulers",
-    "UniPCMultistepScheduler": "schedulers",
+    **dict.fromkeys(_scheduler_exports(), "schedulers"),  # schedulers/registry.py lists them
     "DiffusionPipeline": "pipelines",
     "ImagePipelineOutput": "pipelines",
     "DDPMPipeline": "pipelines",

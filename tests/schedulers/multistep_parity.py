@@ -86,7 +86,7 @@ def in_float64(sched):
 
 def term_sizes():
     """parity.term_sizes, wrapping the fused op where the multistep schedulers call it."""
-    import fusediff.schedulers.scheduling_multistep_utils as base
+    import fusediff.schedulers.multistep_scheduler as base
 
     return parity.term_sizes(base)
 

@@ -134,8 +134,8 @@ def term_sizes(*modules):
     modules); each call also runs the reference on absolute values with absolute coefficients (no
     clip), and the element-wise maximum over the calls of a step is kept (thresholding makes several).
     """
+    import fusediff.schedulers.fused_step as utils
     import fusediff.schedulers.scheduling_pndm as pndm
-    import fusediff.schedulers.scheduling_utils as utils
 
     modules = modules or (utils, pndm)
     real = modules[0].scheduler_step
@@ -207,8 +207,8 @@ def set_all(scheds, *args, **kwargs) -> None:
 
 def count_fused_calls(monkeypatch) -> list[int]:
     """Count calls of the fused op made by the schedulers (a one-element list, updated in place)."""
+    import fusediff.schedulers.fused_step as utils
     import fusediff.schedulers.scheduling_pndm as pndm
-    import fusediff.schedulers.scheduling_utils as utils
 
     calls = [0]
     real = utils.scheduler_step

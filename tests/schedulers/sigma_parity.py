@@ -34,8 +34,8 @@ import torch
 from schedulers import parity
 from schedulers.parity import ATOL, COND, RTOL, FakeModel, check, gen, start_sample, states
 
-import fusediff.schedulers.scheduling_sigma_utils as sigma_utils
-import fusediff.schedulers.scheduling_utils as utils
+import fusediff.schedulers.fused_step as utils
+import fusediff.schedulers.sigma_scheduler as sigma_utils
 
 SHAPE = parity.SHAPE
 

@@ -23,7 +23,7 @@ from schedulers.multistep_parity import (assert_errors_shared_with_diffusers, as
 from schedulers.parity import FakeModel, gen, raises_in_both, ready, start_sample
 
 from fusediff.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
-from fusediff.schedulers.scheduling_utils import SchedulerOutput
+from fusediff.schedulers.scheduling_base import SchedulerOutput
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*algorithm_types dpmsolver and sde-dpmsolver:FutureWarning")]

@@ -27,9 +27,9 @@ from schedulers.multistep_parity import (ATOL, COND, RTOL, assert_errors_shared_
 from schedulers.parity import FakeModel, check, raises_in_both, ready, start_sample
 from support.tolerance import assert_within_ref_error
 
-import fusediff.schedulers.scheduling_multistep_utils as base
+import fusediff.schedulers.multistep_scheduler as base
 from fusediff.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
-from fusediff.schedulers.scheduling_utils import SchedulerOutput
+from fusediff.schedulers.scheduling_base import SchedulerOutput
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 THEIRS = diffusers.UniPCMultistepScheduler

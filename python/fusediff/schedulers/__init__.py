@@ -7,22 +7,11 @@ UniPC (Zhao et al. 2023) over one discrete noise schedule, each ``step`` one fus
 Configs, timesteps and seeded noise are those of diffusers' schedulers of the same names.
 """
 
-from .scheduling_ddim import DDIMScheduler
-from .scheduling_ddpm import DDPMScheduler
-from .scheduling_pndm import PNDMScheduler
-from .scheduling_utils import SchedulerMixin, SchedulerOutput
 from ..utils.lazy import lazy_exports
+from .registry import exports
 
-# exported on first use (utils/lazy.py): name -> submodule
-_LAZY = {
-    "EulerDiscreteScheduler": "scheduling_euler_discrete",
-    "EulerAncestralDiscreteScheduler": "scheduling_euler_ancestral_discrete",
-    "HeunDiscreteScheduler": "scheduling_heun_discrete",
-    "LMSDiscreteScheduler": "scheduling_lms_discrete",
-    "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
-    "DEISMultistepScheduler": "scheduling_deis_multistep",
-    "UniPCMultistepScheduler": "scheduling_unipc_multistep",
-}
+# exported on first use (utils/lazy.py): name -> submodule, from the registry
+_LAZY = exports()
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "SchedulerMixin", "SchedulerOutput", *_LAZY]
+__all__ = list(_LAZY)

@@ -27,9 +27,12 @@ import torch
 from ..configuration import register_to_config
 from ..kernels import scheduler_step_coeffs as sc
 from ..utils.torch_utils import randn_tensor
-from .scheduling_utils import (AlphaBarScheduler, SchedulerOutput, check_alpha_bar, check_num_inference_steps,
-                               compatibles_of, dynamic_threshold, fused_update, like, make_betas,
-                               spaced_timesteps, step_inputs)
+from .alpha_bar_scheduler import AlphaBarScheduler, check_alpha_bar
+from .beta_schedules import make_betas
+from .fused_step import dynamic_threshold, fused_update, like, step_inputs
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
+from .timesteps import check_num_inference_steps, spaced_timesteps
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 

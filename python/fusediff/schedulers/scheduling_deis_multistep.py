@@ -16,7 +16,7 @@ the history slots hold the earlier eps, and
 Same config keys, defaults, timesteps, sigmas and order schedule as diffusers' ``DEISMultistepScheduler``
 (DESIGN.md, decision 4); coefficients are computed in float64 from the float32 sigmas (diffusers:
 float32). use_beta_sigmas, use_flow_sigmas and flow_prediction raise NotImplementedError; see also
-scheduling_multistep_utils for the common differences.
+multistep_scheduler for the common differences.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import torch
 
 from ..configuration import register_to_config
 from ..kernels import scheduler_step_coeffs as sc
-from .scheduling_multistep_utils import BETA_SCHEDULES, MultistepScheduler
-from .scheduling_utils import SchedulerOutput, compatibles_of, make_betas
+from .beta_schedules import make_betas
+from .multistep_scheduler import BETA_SCHEDULES, MultistepScheduler
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
 
 
 class DEISMultistepScheduler(MultistepScheduler):

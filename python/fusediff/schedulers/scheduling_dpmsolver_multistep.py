@@ -20,7 +20,7 @@ in float64 from the float32 sigmas (diffusers: float32), and float64 samples sta
 rounds the sample to float32); the third-order sde-dpmsolver++ step uses the exact integral
 alpha_t (1/2 - (e^-2h - 1 + 2h)/(2h)^2) for D2, where diffusers' has -1/2 (it is off by alpha_t D2);
 sde-dpmsolver has no third order (diffusers fails at its third step), use_beta_sigmas,
-use_flow_sigmas and flow_prediction raise NotImplementedError; see also scheduling_multistep_utils.
+use_flow_sigmas and flow_prediction raise NotImplementedError; see also multistep_scheduler.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ import torch
 from ..configuration import register_to_config
 from ..kernels import scheduler_step_coeffs as sc
 from ..utils.torch_utils import randn_tensor
-from .scheduling_multistep_utils import BETA_SCHEDULES, MultistepScheduler
-from .scheduling_utils import SchedulerOutput, compatibles_of, make_betas
+from .beta_schedules import make_betas
+from .multistep_scheduler import BETA_SCHEDULES, MultistepScheduler
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
 
 ALGORITHM_TYPES = sc.DPM_SOLVER_ALGORITHMS
 VARIANCE_TYPES = (None, "learned", "learned_range")

@@ -11,7 +11,7 @@ in one fused op. Noise is drawn at every step (the last one too, where sigma_up 
 output's shape and dtype, so a seeded run reproduces diffusers' ``EulerAncestralDiscreteScheduler``;
 config keys, defaults, timesteps and sigmas are its own (DESIGN.md, decisions 4 and 5). Differences:
 prediction_type "sample" is supported (diffusers raises NotImplementedError); a float64 sample stays
-float64; see also scheduling_sigma_utils.
+float64; see also sigma_scheduler.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from ..configuration import register_to_config
 from ..kernels import scheduler_step_coeffs as sc
 from ..utils.torch_utils import randn_tensor
 from .scheduling_euler_discrete import BETA_SCHEDULES
-from .scheduling_sigma_utils import SigmaScheduler, Timestep
-from .scheduling_utils import SchedulerOutput, compatibles_of, like, make_betas
+from .beta_schedules import make_betas
+from .fused_step import like
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
+from .sigma_scheduler import SigmaScheduler, Timestep
 
 EulerAncestralDiscreteSchedulerOutput = SchedulerOutput  # the name diffusers gives this scheduler's output
 

@@ -16,7 +16,7 @@ Same config keys, defaults, timesteps, sigmas and random draws as diffusers' ``E
 (DESIGN.md, decisions 4 and 5); like it, the arithmetic runs in the model output's dtype, at least
 float32, and ``prev_sample`` is returned in the model output's dtype. Differences: a float64 sample is
 kept in float64 (diffusers rounds it to float32 first); integer timesteps raise (as diffusers), and so do
-timesteps outside the schedule and steps past its end (see scheduling_sigma_utils); beta sigmas raise
+timesteps outside the schedule and steps past its end (see sigma_scheduler); beta sigmas raise
 NotImplementedError.
 """
 
@@ -30,8 +30,11 @@ import torch
 from ..configuration import register_to_config
 from ..kernels import scheduler_step_coeffs as sc
 from ..utils.torch_utils import randn_tensor
-from .scheduling_sigma_utils import SigmaScheduler, Timestep, sigma_schedule_of
-from .scheduling_utils import SchedulerOutput, compatibles_of, like, make_betas
+from .beta_schedules import make_betas
+from .fused_step import like
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
+from .sigma_scheduler import SigmaScheduler, Timestep, sigma_schedule_of
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 

@@ -13,7 +13,7 @@ and x0 are kept and read back by the second as history, so no derivative is stor
 
 Same config keys, defaults, tables and call sequence as diffusers' ``HeunDiscreteScheduler``
 (DESIGN.md, decision 4); x0 is clipped in both stages when ``clip_sample`` is set. Differences:
-beta sigmas raise NotImplementedError; see also scheduling_sigma_utils.
+beta sigmas raise NotImplementedError; see also sigma_scheduler.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ import torch
 
 from ..configuration import register_to_config
 from ..kernels import scheduler_step_coeffs as sc
-from .scheduling_sigma_utils import SigmaScheduler, Timestep, sigma_schedule_of
-from .scheduling_utils import SchedulerOutput, compatibles_of, make_betas, step_inputs
+from .beta_schedules import make_betas
+from .fused_step import step_inputs
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
+from .sigma_scheduler import SigmaScheduler, Timestep, sigma_schedule_of
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "exp")
 

@@ -16,7 +16,7 @@ Same config keys, defaults, tables and call sequence as diffusers' ``LMSDiscrete
 decision 4), including its state ``derivatives`` (oldest first) and, in a run entered mid-schedule, its
 choice of k from the step index: the k-node weights are then used for the fewer derivatives there are.
 diffusers integrates in float32 with scipy's quad; these weights are float64. Differences: beta sigmas
-raise NotImplementedError; see also scheduling_sigma_utils.
+raise NotImplementedError; see also sigma_scheduler.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ import torch
 from ..configuration import register_to_config
 from ..kernels import scheduler_step_coeffs as sc
 from .scheduling_euler_discrete import BETA_SCHEDULES
-from .scheduling_sigma_utils import SigmaScheduler, Timestep, sigma_schedule_of
-from .scheduling_utils import SchedulerOutput, compatibles_of, make_betas, step_inputs
+from .beta_schedules import make_betas
+from .fused_step import step_inputs
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
+from .sigma_scheduler import SigmaScheduler, Timestep, sigma_schedule_of
 
 LMSDiscreteSchedulerOutput = SchedulerOutput  # the name diffusers gives this scheduler's output
 MAX_ORDER = sc.MAX_HISTORY + 1  # the current derivative and the history the fused op reads

@@ -41,8 +41,12 @@ import torch
 from ..configuration import register_to_config
 from ..kernels import scheduler_step
 from ..kernels import scheduler_step_coeffs as sc
-from .scheduling_utils import (AlphaBarScheduler, SchedulerOutput, check_num_inference_steps, compatibles_of, like,
-                               make_betas, spaced_timesteps, step_inputs)
+from .alpha_bar_scheduler import AlphaBarScheduler
+from .beta_schedules import make_betas
+from .fused_step import like, step_inputs
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
+from .timesteps import check_num_inference_steps, spaced_timesteps
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 RK4_WEIGHTS = (1 / 6, 1 / 3, 1 / 3, 1 / 6)  # of the four outputs of an RK4 step, last first (symmetric)

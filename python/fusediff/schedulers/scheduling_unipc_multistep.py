@@ -27,7 +27,7 @@ step's own result, not the ``sample`` passed in (which only converts the model o
 - ``lower_order_final=False`` with ``final_sigmas_type='zero'`` and an order > 1 raises ValueError
   (diffusers' last step divides by r_k = 0: inf);
 - ``solver_p``, flow and beta sigmas and flow_prediction raise NotImplementedError; see also
-  scheduling_multistep_utils (e.g. a timestep outside the schedule raises).
+  multistep_scheduler (e.g. a timestep outside the schedule raises).
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ import torch
 from ..configuration import register_to_config
 from ..kernels.scheduler_step_coeffs import prediction_coeffs
 from ..kernels.scheduler_step_unipc import SOLVER_TYPES, Update, half_log_snr, unipc_coeffs, unipc_update
-from .scheduling_multistep_utils import BETA_SCHEDULES, MultistepScheduler
-from .scheduling_utils import SchedulerOutput, compatibles_of, make_betas
+from .beta_schedules import make_betas
+from .multistep_scheduler import BETA_SCHEDULES, MultistepScheduler
+from .registry import compatibles_of
+from .scheduling_base import SchedulerOutput
 
 SIBLING_SOLVER_TYPES = ("midpoint", "heun", "logrho")  # DPM-Solver's and DEIS's; read as bh2, as diffusers
 

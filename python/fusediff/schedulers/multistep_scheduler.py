@@ -1,6 +1,6 @@
-"""What the multistep ODE solvers over a discrete VP schedule share: DPM-Solver and DPM-Solver++
-(Lu et al. 2022, arXiv:2206.00927 and arXiv:2211.01095), DEIS (Zhang & Chen 2023, arXiv:2204.13902)
-and UniPC (Zhao et al. 2023, arXiv:2302.04867).
+"""MultistepScheduler: the base of the multistep ODE solvers over a discrete VP schedule, DPM-Solver and
+DPM-Solver++ (Lu et al. 2022, arXiv:2206.00927 and arXiv:2211.01095), DEIS (Zhang & Chen 2023,
+arXiv:2204.13902) and UniPC (Zhao et al. 2023, arXiv:2302.04867).
 
 Notation (DPM-Solver++, sec. 2): the forward process is x = alpha_t x0 + sigma_t eps over the float32
 alpha-bar table of DDPM, with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and the half log-SNR
@@ -36,36 +36,14 @@ import torch
 from ..kernels import scheduler_step
 from ..kernels.scheduler_step_coeffs import StepCoeffs, prediction_coeffs, vp_from_sigma
 from ..utils.torch_utils import to_device
-from .scheduling_utils import (ZERO_SNR_ALPHA_BAR, SchedulerMixin, StepIndexMixin, alpha_bar_tables,
-                               check_num_inference_steps, dynamic_threshold, like, step_inputs)
-from .sigmas import resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
+from .beta_schedules import ZERO_SNR_ALPHA_BAR, alpha_bar_tables
+from .fused_step import dynamic_threshold, like, step_inputs
+from .scheduling_base import SchedulerMixin, StepIndexMixin
+from .sigma_schedules import FINAL_SIGMAS_TYPES, resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
+from .timesteps import TIMESTEP_SPACINGS, check_num_inference_steps, multistep_timesteps
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MULTISTEP_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-
-
-def multistep_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int = 0,
-                        last_timestep: int | None = None) -> np.ndarray:
-    """Descending int64 timesteps of a multistep run (Lin et al. 2024, table 2 names the spacings).
-
-    The run has n + 1 points of which the last (t = 0 side) is dropped, the step after the final
-    timestep going to the final sigma. ``last_timestep`` (<= T) ends the range early, as DPM-Solver's
-    ``lambda_min_clipped`` does: linspace: round(linspace(0, last - 1, n + 1)); leading:
-    k * (last // (n + 1)) + steps_offset; trailing: round(arange(last, 0, -T/n)) - 1.
-    """
-    T, n = num_train_timesteps, num_inference_steps
-    last = T if last_timestep is None else last_timestep
-    if spacing == "linspace":
-        ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(last, 0, -T / n).round() - 1
-    else:
-        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}; got {spacing!r}")
-    return ts.copy().astype(np.int64)
 
 
 class MultistepScheduler(StepIndexMixin, SchedulerMixin):

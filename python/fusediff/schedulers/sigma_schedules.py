@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 SIGMA_SCHEDULES = ("karras", "exponential")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")  # where a run ends: sigma 0, or the smallest trained sigma
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:

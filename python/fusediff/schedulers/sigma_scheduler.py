@@ -1,4 +1,4 @@
-"""What the sigma-parameterised samplers (Euler, Euler ancestral, Heun, LMS) share.
+"""SigmaScheduler: the base of the sigma-parameterised samplers (Euler, Euler ancestral, Heun, LMS).
 
 They step the variance-exploding view of the discrete alpha-bar schedule, x = x0 + sigma*eps with
 sigma_t = sqrt((1 - alpha-bar_t)/alpha-bar_t) (Karras et al. 2022, arXiv:2206.00364, table 1), on a
@@ -38,17 +38,17 @@ import torch
 from ..kernels import scheduler_step
 from ..kernels.scheduler_step_coeffs import PREDICTION_TYPES, StepCoeffs
 from ..utils.torch_utils import to_device
-from .scheduling_utils import (TIMESTEP_SPACINGS, ZERO_SNR_ALPHA_BAR, AlphaBarScheduler, SchedulerOutput,
-                               StepIndexMixin, check_num_inference_steps, like, spaced_timesteps, step_inputs)
-from .sigmas import resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
+from .alpha_bar_scheduler import AlphaBarScheduler
+from .beta_schedules import ZERO_SNR_ALPHA_BAR
+from .fused_step import like, step_inputs
+from .scheduling_base import SchedulerOutput, StepIndexMixin
+from .sigma_schedules import FINAL_SIGMAS_TYPES, resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
+from .timesteps import TIMESTEP_SPACINGS, check_num_inference_steps, spaced_timesteps
 
 logger = logging.getLogger(__name__)
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 TIMESTEP_TYPES = ("discrete", "continuous")
-# alpha-bar_T after zero-terminal-SNR rescaling: float16's smallest subnormal, so that sigma_T = 4096
-# stays finite (diffusers' choice)
 
 Timestep = float | torch.Tensor
 
