@@ -17,6 +17,8 @@ exploding view x = x0 + sigma*eps (Karras et al. 2022), sigma^2 = (1 - alpha-bar
 
 Limits: per-element variances (DDPM's learned variance types) and per-sample dynamic
 thresholding are not coefficients; a scheduler pre-scales the noise, or clips, itself.
+What lives here and what in :mod:`fusediff.schedulers` (tables, timesteps, state, which rule a
+step uses) is set out in that package's docstring.
 """
 
 from __future__ import annotations
