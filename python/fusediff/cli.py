@@ -25,7 +25,9 @@ Diffusion, LDM; needs ``pip install "fusediff[text]"``); ``--scheduler`` then ta
 TEXT_SCHEDULERS (default: the model's own), ``--batch`` is the number of images (default 1). The
 seed feeds a CPU generator, so a seed gives the same images on every device (up to arithmetic
 rounding). Bad arguments and missing models end with one line on stderr and exit status 2 or 1.
-``fusediff train`` is :mod:`fusediff.training.cli`, imported only when that command runs.
+``fusediff train`` is :mod:`fusediff.training.cli`, imported only when that command runs. Sampling
+from a class-conditional model is :mod:`fusediff.cli_class`; the scheduler names, step defaults and
+text-pipeline test that both paths use are in :mod:`fusediff.cli_common` (neither imports this module).
 ``fusediff bench pipeline`` times fusediff against HF diffusers on a CUDA GPU (see
 :mod:`fusediff.benchmarks.pipeline`) and appends rows to ``--out``/pipeline.csv.
 """
@@ -41,6 +43,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_class import as_class_conditional, class_images
+from .cli_common import TEXT_SCHEDULERS, default_steps, is_text_pipeline, use_scheduler
 from .utils.cli_types import CliError, OneLineParser, positive_int
 
 ASSETS = Path(__file__).parent / "assets"
@@ -48,22 +52,7 @@ DIGITS_MODEL = ASSETS / "digits"
 DIGITS_COND_MODEL = ASSETS / "digits-cond"
 # --model names of the models shipped inside the package
 SHIPPED_MODELS = {"digits": DIGITS_MODEL, "digits-cond": DIGITS_COND_MODEL}
-SCHEDULERS = ("ddpm", "ddim", "pndm")
-# --scheduler of text-to-image pipelines: name -> (fusediff class, config overrides)
-TEXT_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "deis": ("DEISMultistepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "pndm": 50}
+SCHEDULERS = ("ddpm", "ddim", "pndm")  # --scheduler of unconditional models: their DDPM/DDIM/PNDM pipelines
 TEXT_ONLY_OPTIONS = ("negative_prompt", "height", "width")  # --guidance: text or class-conditional models
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -129,7 +118,7 @@ def _load_pipeline(args: argparse.Namespace, source, loaded):
     """The loaded UNet + scheduler pipeline as the DDPM, DDIM or PNDM pipeline of ``--scheduler``."""
     from . import DDIMPipeline, DDPMPipeline, DDPMScheduler, PNDMPipeline
 
-    if _is_text_pipeline(loaded):
+    if is_text_pipeline(loaded):
         raise CliError(f"{str(source)!r} holds a text-to-image {type(loaded).__name__}: pass --prompt")
     if not hasattr(loaded, "unet") or not hasattr(loaded, "scheduler"):
         raise CliError(f"{str(source)!r} holds a {type(loaded).__name__}, not a UNet + scheduler pipeline")
@@ -168,13 +157,6 @@ def _model_source(model: str | None):
     return path
 
 
-def _is_text_pipeline(pipe) -> bool:
-    from .pipelines.pipeline_latent_diffusion import LDMTextToImagePipeline
-    from .pipelines.pipeline_stable_diffusion import StableDiffusionBase
-
-    return isinstance(pipe, (StableDiffusionBase, LDMTextToImagePipeline))
-
-
 def _check_text_arguments(args: argparse.Namespace) -> None:
     """Options that only text-to-image sampling takes; a one-line error (status 2) otherwise. (Options
     whose validity depends on the model, --guidance, --class and --scheduler, are checked once it is loaded.)"""
@@ -210,8 +192,6 @@ def _image_samples(args: argparse.Namespace) -> list:
     """Images of a model without a prompt: class-conditional or unconditional."""
     import torch
 
-    from .cli_class import as_class_conditional, class_images
-
     source, loaded = _from_pretrained(args)
     conditional = as_class_conditional(loaded)
     if conditional is not None:
@@ -219,7 +199,7 @@ def _image_samples(args: argparse.Namespace) -> list:
     _check_unconditional_arguments(args, source, loaded)
     args.scheduler = args.scheduler or "ddim"
     pipe = _load_pipeline(args, source, loaded)
-    steps = args.steps or DEFAULT_STEPS[args.scheduler]
+    steps = args.steps or default_steps(args.scheduler)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     try:
         return pipe(batch_size=args.batch or 16, num_inference_steps=steps, generator=generator).images
@@ -243,7 +223,7 @@ def _load_text_pipeline(args: argparse.Namespace):
     from .pipelines.pipeline_stable_diffusion import StableDiffusionPipeline
 
     source, pipe = _from_pretrained(args)
-    if not _is_text_pipeline(pipe):
+    if not is_text_pipeline(pipe):
         raise CliError(f"{str(source)!r} holds a {type(pipe).__name__}, which takes no prompt; drop --prompt")
     if isinstance(pipe, fusediff.LDMTextToImagePipeline) and args.negative_prompt is not None:
         raise CliError("--negative-prompt: LDM text-to-image takes no negative prompt")
@@ -253,13 +233,7 @@ def _load_text_pipeline(args: argparse.Namespace):
             raise CliError(f"{str(source)!r} is an inpainting model ({pipe.unet.config.in_channels}-channel UNet); "
                            "text-to-image needs a plain Stable Diffusion model")
         pipe = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
-    if args.scheduler is not None:
-        class_name, overrides = TEXT_SCHEDULERS[args.scheduler]
-        try:
-            scheduler_cls = getattr(fusediff, class_name)
-        except (AttributeError, ImportError) as e:
-            raise CliError(f"--scheduler {args.scheduler}: {class_name} is not available ({e})") from None
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+    use_scheduler(pipe, args.scheduler)
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=args.quiet, desc=f"{args.scheduler or 'sampling'}")
     return pipe
@@ -271,7 +245,7 @@ def _text_images(args: argparse.Namespace) -> list:
     import fusediff
 
     pipe = _load_text_pipeline(args)
-    steps = args.steps or DEFAULT_STEPS.get(args.scheduler, 50)
+    steps = args.steps or default_steps(args.scheduler)
     batch = args.batch or 1
     call = dict(height=args.height, width=args.width, num_inference_steps=steps,
                 generator=torch.Generator("cpu").manual_seed(args.seed))

@@ -6,7 +6,9 @@ directory (a ``DDPMPipeline``'s, say) whose UNet has a class-embedding table; th
 the pipeline's defaults (null class = the table's last row, guidance 2). ``--class`` values are
 repeated in order to fill ``--batch`` images (default 16 for one class, one image per class for
 several); without ``--class`` the model's classes are drawn in turn. Limits: the scheduler names are
-the text-to-image ones (:data:`fusediff.cli.TEXT_SCHEDULERS`); the guidance scale is one for all images.
+the text-to-image ones (:data:`fusediff.cli_common.TEXT_SCHEDULERS`); the guidance scale is one for all
+images. This module imports :mod:`fusediff.cli_common` and :mod:`fusediff.utils.cli_types`, never
+:mod:`fusediff.cli`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli import DEFAULT_STEPS, TEXT_SCHEDULERS, CliError, _is_text_pipeline
+from .cli_common import default_steps, is_text_pipeline, use_scheduler
+from .utils.cli_types import CliError
 
 
 def as_class_conditional(loaded: Any) -> Any:
@@ -26,7 +29,7 @@ def as_class_conditional(loaded: Any) -> Any:
         return loaded
     unet, scheduler = getattr(loaded, "unet", None), getattr(loaded, "scheduler", None)
     config = getattr(unet, "config", None)
-    if _is_text_pipeline(loaded) or config is None or scheduler is None or config.get("num_class_embeds") is None \
+    if is_text_pipeline(loaded) or config is None or scheduler is None or config.get("num_class_embeds") is None \
             or config.get("class_embed_type") is not None:
         return None
     return ClassConditionalPipeline(unet=unet, scheduler=scheduler)
@@ -51,16 +54,12 @@ def class_images(args: argparse.Namespace, pipe: Any) -> list:
     """Images of the requested classes from a class-conditional pipeline."""
     import torch
 
-    import fusediff
-
     labels = requested_labels(args, pipe)
-    if args.scheduler is not None:
-        class_name, overrides = TEXT_SCHEDULERS[args.scheduler]
-        pipe.scheduler = getattr(fusediff, class_name).from_config(pipe.scheduler.config, **overrides)
+    use_scheduler(pipe, args.scheduler)
     pipe = pipe.to(args.device)
     name = args.scheduler or type(pipe.scheduler).__name__.removesuffix("Scheduler").lower()
     pipe.set_progress_bar_config(disable=args.quiet, desc=f"{name} sampling")
-    steps = args.steps or DEFAULT_STEPS.get(args.scheduler, 50)
+    steps = args.steps or default_steps(args.scheduler)
     try:
         return pipe(labels, guidance_scale=args.guidance, num_inference_steps=steps,
                     generator=torch.Generator("cpu").manual_seed(args.seed)).images
