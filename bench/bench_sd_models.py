@@ -96,7 +96,7 @@ def main() -> None:
 def graph_ms(fn) -> float | str:
     """Milliseconds per call replayed from a CUDA graph (device time, no host launch cost), or why not."""
     try:
-        return round(harness.graph_rotating_ms(lambda: fn(), lambda: (), nbytes=1 << 40, min_calls=5, reps=5), 3)
+        return round(harness.graph_call_ms(fn), 3)
     except Exception as e:  # e.g. a host synchronisation inside the model
         torch.cuda.synchronize()
         return f"no graph: {type(e).__name__}"

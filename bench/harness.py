@@ -15,6 +15,7 @@ from fusediff.benchmarks.harness import (
     device_name,
     do_bench_ms,
     git_commit,
+    graph_call_ms,
     graph_rotating_ms,
     kernel_times_us,
     matmul_tflops,
@@ -23,7 +24,7 @@ from fusediff.benchmarks.harness import (
 )
 
 __all__ = ["RESULTS", "append_rows", "copy_bandwidth_gbps", "device_name", "do_bench_ms", "git_commit",
-           "graph_rotating_ms", "kernel_times_us", "matmul_tflops", "print_table", "wall_ms"]
+           "graph_call_ms", "graph_rotating_ms", "kernel_times_us", "matmul_tflops", "print_table", "wall_ms"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -78,6 +78,12 @@ def graph_rotating_ms(fn: Callable[..., object], make_inputs: Callable[[], tuple
     return sorted(times)[len(times) // 2]
 
 
+def graph_call_ms(fn: Callable[..., object], inputs: tuple = ()) -> float:
+    """Milliseconds per call of ``fn(*inputs)`` replayed from a CUDA graph, for a call as large as a model
+    step: one input set (it is far larger than L2 already), 5 calls a replay, median of 5 replays."""
+    return graph_rotating_ms(fn, lambda: inputs, nbytes=1 << 40, min_calls=5, reps=5)
+
+
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus written."""

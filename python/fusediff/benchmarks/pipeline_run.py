@@ -223,7 +223,7 @@ class _Bench:
         cell["max_rel_diff"] = self.diff(name, column, timed(*inputs))
         cell["ms"] = harness.do_bench_ms(lambda: timed(*inputs))
         try:  # the raw call for fusediff-graph too: a graph cannot be captured inside another
-            cell["gpu_ms"] = harness.graph_rotating_ms(fn, lambda: inputs, nbytes=1 << 40, min_calls=5, reps=5)
+            cell["gpu_ms"] = harness.graph_call_ms(fn, inputs)
         except Exception as e:  # e.g. a host synchronisation inside the model
             _synchronize()
             _note(cell, f"no CUDA-graph time: {_why(e)}")
