@@ -18,7 +18,7 @@ import torch
 from pipelines.tiny_sd import SCHEDULERS, SD_SCHEDULER, UNET, VAE
 
 import fusediff
-from fusediff.pipelines.runtime import in_layout, loop_timesteps, module_memory_format
+from fusediff.sampling import in_layout, loop_timesteps, module_memory_format
 
 TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),

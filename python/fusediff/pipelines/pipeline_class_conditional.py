@@ -14,10 +14,9 @@ unconditional sampling. The UNet is a ``UNet2DModel`` with a class-embedding tab
 ``model_index.json``, default -1: the table's last row, as fusediff's trainer lays it out; None for a
 model trained without one, which then samples with s = 1 only). The requested labels are the other rows.
 
-The loop is the other pipelines': timesteps stepped from their host copy, the model reading their
-device copy, noise drawn as diffusers' pipelines draw it (one generator, or one per image), every
-value that changes between steps a tensor argument of the captured model call (CUDA graphs, see
-:mod:`.runtime`), and an optional ``callback_on_step_end``. Any fusediff scheduler works; a
+The loop is :func:`fusediff.sampling.denoise`, as in the other pipelines, with noise drawn as
+diffusers' pipelines draw it (one generator, or one per image) and an optional
+``callback_on_step_end``. Any fusediff scheduler works; a
 ``DDPMScheduler`` (the training scheduler a directory usually holds) is converted to a
 ``DDIMScheduler`` on construction, so a loaded model samples with DDIM; assign ``pipe.scheduler``
 afterwards to sample with another one.
@@ -39,31 +38,16 @@ import torch
 
 from ..models import UNet2DModel
 from ..schedulers import DDIMScheduler, DDPMScheduler, SchedulerMixin
+from ..sampling import Guidance, check_steps, denoise, initial_noise, module_memory_format
 from ..utils.torch_utils import Generator, to_device
-from . import text_conditioning as tc
-from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, check_output_type, postprocess_images
-from .runtime import in_layout, loop_timesteps
+from .pipeline_utils import (DiffusionPipeline, ImagePipelineOutput, check_output_type, postprocess_images,
+                             unet_prediction)
 
 # Default guidance scale of a pipeline built for a model with a null class without naming one: plain
 # conditional sampling. (The shipped digits model draws the requested class best that way: 0.99 of 256
 # samples at 1.0, 0.90 at 2.0, 0.43 at 3.0; guidance pushes its small images into saturation.)
 DEFAULT_GUIDANCE_SCALE = 1.0
 ClassLabels = int | Sequence[int] | torch.Tensor
-
-
-def class_guided_prediction(unet: Any, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor,
-                            scale: torch.Tensor, guided: bool) -> torch.Tensor:
-    """A step's model call and guidance: what a CUDA graph captures. ``x`` is (2B, ...) and ``class_labels``
-    [y; y0] when ``guided``; the result is eps_u + scale (eps_c - eps_u), computed in ``scale``'s dtype
-    (float32 at least) and rounded once to the prediction's dtype."""
-    noise_pred = unet(x, t, class_labels=class_labels).sample
-    if not guided:
-        return noise_pred
-    cond, uncond = noise_pred.chunk(2)
-    if scale.dtype != noise_pred.dtype:
-        guided_pred = uncond.to(scale.dtype) + scale * (cond - uncond).to(scale.dtype)
-        return guided_pred.to(noise_pred.dtype)
-    return uncond + scale * (cond - uncond)
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -176,6 +160,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale={scale} needs a null class, which this model has not "
                              "(null_class_label=None); use guidance_scale=1.0")
         check_output_type(output_type)
+        check_steps(num_inference_steps)
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
@@ -184,29 +169,18 @@ class ClassConditionalPipeline(DiffusionPipeline):
         # 1. the labels of the model call, [y; y0] under guidance, copied to the device once
         model_labels = labels + [self.null_class] * batch if guided else labels
         model_labels = to_device(torch.tensor(model_labels, dtype=torch.long), device)
-        # 2. timesteps (host copy for the scheduler, device copy for the model), then x_T as diffusers draws it
-        self.scheduler.set_timesteps(num_inference_steps)  # on the host: no pageable copy to wait for
-        host_timesteps, timesteps = loop_timesteps(self.scheduler.timesteps, device)
+        # 2. x_T ~ N(0, I) as diffusers draws it, 3. x_{t-1} = step(guided eps(x_t, t, y), t, x_t)
         size = self.unet.config.sample_size
         spatial = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch, self.unet.config.in_channels, *spatial)
-        x = tc.prepare_latents(shape, dtype, device, generator, latents, self.scheduler.init_noise_sigma)
-        x = in_layout(x.to(dtype), self.unet)
-        step_kwargs = tc.step_kwargs(self.scheduler, generator, eta)
-        scale_t = tc.scale_tensor(scale, dtype, device)
-        predict, graphed = self._graphed(functools.partial(class_guided_prediction, self.unet), "unet step",
-                                         self.unet)
-        # 3. x_{t-1} = step(guided eps(x_t, t, y), t, x_t)
-        for i, t_host in enumerate(self.progress_bar(host_timesteps)):
-            model_input = torch.cat([x, x]) if guided else x
-            model_input = self.scheduler.scale_model_input(model_input, t_host)
-            noise_pred = predict(model_input, timesteps[i], model_labels, scale_t, guided)
-            if graphed:  # the graph's output buffer is overwritten next step; multistep schedulers keep it
-                noise_pred = noise_pred.clone()
-            x = self.scheduler.step(noise_pred, t_host, x, **step_kwargs).prev_sample
-            if callback_on_step_end is not None:
-                returned = callback_on_step_end(self, i, timesteps[i], {"latents": x}) or {}
-                x = returned.get("latents", x)
+        noise = initial_noise(shape, generator, device, dtype, latents).to(dtype)
+        x = denoise(self.scheduler, functools.partial(unet_prediction, self.unet), noise,
+                    num_inference_steps=num_inference_steps, model_kwargs={"class_labels": model_labels},
+                    guidance=Guidance(scale, uncond_first=False) if guided else None, generator=generator, eta=eta,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, pipeline=self,
+                    progress=self.progress_bar, cuda_graph=self.model_call_graphs("unet step", self.unet),
+                    memory_format=module_memory_format(self.unet))
         images = postprocess_images(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 

@@ -22,10 +22,10 @@ import functools
 
 import torch
 
+from ..sampling import Guidance, denoise, initial_noise, module_memory_format
 from ..utils.torch_utils import Generator
 from . import text_conditioning as tc
-from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from .runtime import in_layout, loop_timesteps
+from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput, unet_prediction
 
 
 class LDMTextToImagePipeline(DiffusionPipeline):
@@ -64,27 +64,17 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         context = self._encode(prompt)
         if guided:
             context = torch.cat([negative, context])
-        # 2. z_T, 3. timesteps
+        # 2. z_T ~ N(0, I), 3. z_{t-1} = step(guided eps, t, z_t)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        self.scheduler.set_timesteps(num_inference_steps)
-        latents = tc.prepare_latents(shape, context.dtype, self.device, generator, latents,
-                                     self.scheduler.init_noise_sigma)
-        latents = in_layout(latents, self.unet)
-        step_kwargs = tc.step_kwargs(self.scheduler, generator, eta)
-        scale = tc.scale_tensor(guidance_scale, self.unet.dtype, self.device)
-        predict, graphed = self._graphed(functools.partial(tc.guided_prediction, self.unet), "unet step", self.unet)
-        host_timesteps, timesteps = loop_timesteps(self.scheduler.timesteps, self.device)
-        # 4. z_{t-1} = step(guided eps, t, z_t)
-        for i, t_host in enumerate(self.progress_bar(host_timesteps)):
-            x = torch.cat([latents] * 2) if guided else latents
-            x = self.scheduler.scale_model_input(x, t_host)
-            noise_pred = predict(x, timesteps[i], context, scale, None, guided)
-            if graphed:  # the graph's output buffer is overwritten next step; schedulers may keep it
-                noise_pred = noise_pred.clone()
-            latents = self.scheduler.step(noise_pred, t_host, latents, **step_kwargs).prev_sample
+        noise = initial_noise(shape, generator, self.device, context.dtype, latents)
+        latents = denoise(self.scheduler, functools.partial(unet_prediction, self.unet), noise,
+                          num_inference_steps=num_inference_steps, model_kwargs={"encoder_hidden_states": context},
+                          guidance=Guidance(guidance_scale) if guided else None, generator=generator, eta=eta,
+                          progress=self.progress_bar, cuda_graph=self.model_call_graphs("unet step", self.unet),
+                          memory_format=module_memory_format(self.unet))
         if output_type == "latent":
             return ImagePipelineOutput(images=latents) if return_dict else (latents,)
-        # 5. decode; diffusers multiplies by 1 / scaling_factor, kept for bit-equal latents
+        # 4. decode; diffusers multiplies by 1 / scaling_factor, kept for bit-equal latents
         image = tc.decode_latents(self.vqvae, (1 / self.vqvae.config.scaling_factor) * latents, scaling_factor=1.0)
         images = tc.postprocess(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

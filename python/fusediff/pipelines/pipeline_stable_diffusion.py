@@ -33,9 +33,9 @@ import torch
 
 from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator
+from ..sampling import Guidance, Timesteps, denoise, initial_noise, module_memory_format, set_timesteps
 from . import text_conditioning as tc
 from .pipeline_utils import DiffusionPipeline
-from .runtime import in_layout, loop_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,17 @@ def _fixed_scheduler(scheduler: Any, **wanted: Any) -> Any:
     logger.warning("%s config: using %s as diffusers' Stable Diffusion pipelines do (the stored config is outdated)",
                    type(scheduler).__name__, ", ".join(f"{k}={v}" for k, v in changes.items()))
     return type(scheduler).from_config(config, **changes)
+
+
+def text_unet_prediction(unet: Any, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                         timestep_cond: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                         masked_image_latents: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's output for latents x at t given text embeddings; an inpainting UNet also gets the
+    mask and the masked image's latents as extra input channels."""
+    if mask is not None:
+        x = torch.cat([x, mask, masked_image_latents], dim=1)
+    extra = {"timestep_cond": timestep_cond} if timestep_cond is not None else {}
+    return unet(x, t, encoder_hidden_states=prompt_embeds, **extra).sample
 
 
 class StableDiffusionBase(DiffusionPipeline):
@@ -169,52 +180,30 @@ class StableDiffusionBase(DiffusionPipeline):
         return tc.guidance_scale_embedding(w, dim).to(device=self.device, dtype=dtype)
 
     # -- the denoising loop ------------------------------------------------------------------
-    def _denoise(self, state: dict[str, Any], timesteps: torch.Tensor, num_inference_steps: int,
-                 step_kwargs: dict[str, Any], guidance_rescale: float = 0.0,
+    def _denoise(self, noise: torch.Tensor, run: Timesteps, conditioning: dict[str, torch.Tensor | None], *,
+                 generator: Generator, eta: float, guidance_rescale: float = 0.0,
                  callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-                 model_input: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None = None,
-                 after_step: Callable[[int, dict[str, Any]], torch.Tensor] | None = None) -> torch.Tensor:
-        """Run the scheduler over ``timesteps`` from ``state["latents"]``; returns the final latents.
-
-        ``model_input`` extends the UNet input (inpainting's mask channels), ``after_step(i, state)``
-        returns replacement latents after each step (inpainting's blend). The callback gets
-        ``(pipeline, i, t, {name: tensor})`` and may return replacements for those tensors.
-        Nothing in the loop reads a value back from the device (see :mod:`.runtime`).
-        """
-        if hasattr(callback_on_step_end, "tensor_inputs"):  # diffusers' PipelineCallback objects
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        order = getattr(self.scheduler, "order", 1)
-        warmup = len(timesteps) - num_inference_steps * order
-        self._num_timesteps = len(timesteps)
-        state["latents"] = in_layout(state["latents"], self.unet)
-        timestep_cond = self._timestep_cond(state["latents"].shape[0], state["latents"].dtype)
-        guided = self.do_classifier_free_guidance
-        scale = tc.scale_tensor(self._guidance_scale, self.unet.dtype, self.device)
-        predict, graphed = self._graphed(functools.partial(tc.guided_prediction, self.unet), "unet step", self.unet)
-        host_timesteps, timesteps = loop_timesteps(timesteps, self.device)
-        with self.progress_bar(total=num_inference_steps) as bar:
-            for i, t_host in enumerate(host_timesteps):
-                t = timesteps[i]  # the model reads the device copy, the scheduler the host one
-                latents = state["latents"]
-                x = torch.cat([latents] * 2) if guided else latents
-                x = self.scheduler.scale_model_input(x, t_host)
-                if model_input is not None:
-                    x = model_input(x, state)
-                noise_pred = predict(x, t, state["prompt_embeds"], scale, timestep_cond, guided, guidance_rescale)
-                if graphed:  # the graph's output buffer is overwritten next step; schedulers may keep it
-                    noise_pred = noise_pred.clone()
-                state["latents"] = self.scheduler.step(noise_pred, t_host, latents, **step_kwargs).prev_sample
-                if after_step is not None:
-                    state["latents"] = after_step(i, state)
-                if callback_on_step_end is not None:
-                    tensors = {k: state[k] for k in callback_on_step_end_tensor_inputs}
-                    for k, v in (callback_on_step_end(self, i, t, tensors) or {}).items():
-                        if k in self._callback_tensor_inputs:
-                            state[k] = v
-                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
-                    bar.update()
-        return state["latents"]
+                 image_latents: torch.Tensor | None = None, start_from_noise: bool | None = None,
+                 mask: torch.Tensor | None = None, model_inputs: dict[str, torch.Tensor] | None = None,
+                 callback_tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """:func:`fusediff.sampling.denoise` over ``run`` with the UNet, guidance and the call's callback;
+        returns the final latents. ``conditioning`` is :meth:`_conditioning`'s; ``model_inputs`` are more
+        UNet inputs (inpainting's mask channels), ``callback_tensors`` more tensors a callback may read."""
+        self._num_timesteps = len(run)
+        guidance = Guidance(self._guidance_scale, guidance_rescale) if self.do_classifier_free_guidance else None
+        model_kwargs = {"prompt_embeds": conditioning["prompt_embeds"],
+                        "timestep_cond": self._timestep_cond(noise.shape[0], noise.dtype), **(model_inputs or {})}
+        return denoise(self.scheduler, functools.partial(text_unet_prediction, self.unet), noise, timesteps=run,
+                       model_kwargs=model_kwargs, guidance=guidance, generator=generator, eta=eta,
+                       image_latents=image_latents, start_from_noise=start_from_noise, mask=mask,
+                       callback_on_step_end=callback_on_step_end,
+                       callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                       callback_tensors={"negative_prompt_embeds": conditioning["negative_prompt_embeds"],
+                                         **(callback_tensors or {})},
+                       pipeline=self, progress=self.progress_bar,
+                       cuda_graph=self.model_call_graphs("unet step", self.unet),
+                       memory_format=module_memory_format(self.unet))
 
     # -- decoding ----------------------------------------------------------------------------
     def run_safety_checker(self, image: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list[bool] | None]:
@@ -276,14 +265,12 @@ class StableDiffusionPipeline(StableDiffusionBase):
         # 1. text embeddings: [c0; c] under guidance
         batch, state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                           num_images_per_prompt, clip_skip, guidance_scale)
-        # 2. timesteps, then x_T (init_noise_sigma depends on the schedule)
-        timesteps, num_inference_steps = tc.retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
-                                                               timesteps, sigmas)
+        # 2. timesteps, x_T ~ N(0, I) (or the given latents), 3. denoise, 4. decode
+        run = set_timesteps(self.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         dtype = state["prompt_embeds"].dtype
-        state["latents"] = tc.prepare_latents(shape, dtype, self.device, generator, latents,
-                                              self.scheduler.init_noise_sigma)
-        # 3. denoise, 4. decode
-        latents = self._denoise(state, timesteps, num_inference_steps, tc.step_kwargs(self.scheduler, generator, eta),
-                                guidance_rescale, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        noise = initial_noise(shape, generator, self.device, dtype, latents)
+        latents = self._denoise(noise, run, state, generator=generator, eta=eta, guidance_rescale=guidance_rescale,
+                                callback_on_step_end=callback_on_step_end,
+                                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         return self._finish(latents, output_type, dtype, return_dict)

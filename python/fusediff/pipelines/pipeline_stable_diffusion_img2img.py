@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..sampling import check_generators, check_strength, set_timesteps
 from ..utils.torch_utils import Generator, randn_tensor
 from . import text_conditioning as tc
 from .pipeline_stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
@@ -24,20 +25,21 @@ from .pipeline_stable_diffusion import StableDiffusionBase, StableDiffusionPipel
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """Text-guided image-to-image generation with Stable Diffusion; loads any Stable Diffusion directory."""
 
-    def prepare_image_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch: int, dtype: torch.dtype,
-                              generator: Generator) -> torch.Tensor:
-        """z_{t_1} for ``batch`` images from the preprocessed ``image`` (or from latents of 4 channels)."""
+    def prepare_image_latents(self, image: torch.Tensor, batch: int, dtype: torch.dtype,
+                              generator: Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_0, the noise that takes it to t_1) for ``batch`` images from the preprocessed ``image`` (or from
+        latents of 4 channels)."""
         image = image.to(device=self.device, dtype=dtype)
         if image.shape[1] == self.vae.config.latent_channels:
             init = image
         else:
-            tc.check_generators(generator, batch)
+            check_generators(generator, batch)
             if isinstance(generator, (list, tuple)):  # one posterior sample per output, each with its generator
                 image = tc.spread_batch(image, batch)
             init = tc.encode_image(self.vae, image, generator)
         init = tc.spread_batch(init, batch)
         noise = randn_tensor(init.shape, generator=generator, device=self.device, dtype=dtype)
-        return self.scheduler.add_noise(init, noise, timestep)
+        return init, noise
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image: Any = None, strength: float = 0.8,
@@ -56,8 +58,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         the output has the input's size floored to a multiple of the VAE factor. Other arguments
         as :meth:`StableDiffusionPipeline.__call__`.
         """
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1]; got {strength}")
+        check_strength(strength)
         if image is None:
             raise ValueError("image-to-image needs an image")
         self.check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
@@ -67,14 +68,12 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
                                           num_images_per_prompt, clip_skip, guidance_scale)
         pixels = tc.preprocess_image(image, multiple=self.vae_scale_factor,
                                      latent_channels=self.vae.config.latent_channels)
-        # 3. the schedule's last int(n * strength) steps, 4. z_0 noised to the first of them
-        timesteps, num_inference_steps = tc.retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
-                                                               timesteps, sigmas)
-        timesteps, num_inference_steps = tc.strength_timesteps(self.scheduler, num_inference_steps, strength)
+        # 3. the schedule's last int(n * strength) steps, 4. z_0 and its noise, 5. denoise from z_0 noised to
+        # the first of those steps, 6. decode
+        run = set_timesteps(self.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas, strength=strength)
         dtype = state["prompt_embeds"].dtype
-        state["latents"] = self.prepare_image_latents(pixels, timesteps[:1].repeat(batch), batch, dtype, generator)
-        # 5. denoise, 6. decode
-        latents = self._denoise(state, timesteps, num_inference_steps, tc.step_kwargs(self.scheduler, generator, eta),
-                                callback_on_step_end=callback_on_step_end,
+        image_latents, noise = self.prepare_image_latents(pixels, batch, dtype, generator)
+        latents = self._denoise(noise, run, state, generator=generator, eta=eta, image_latents=image_latents,
+                                start_from_noise=False, callback_on_step_end=callback_on_step_end,
                                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         return self._finish(latents, output_type, dtype, return_dict)

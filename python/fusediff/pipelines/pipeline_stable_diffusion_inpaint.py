@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..sampling import check_generators, check_strength, set_timesteps
 from ..utils.torch_utils import Generator, randn_tensor
 from . import text_conditioning as tc
 from .pipeline_stable_diffusion import StableDiffusionBase, StableDiffusionPipelineOutput
@@ -34,25 +35,21 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
     _scheduler_fixes = {"steps_offset": 1, "skip_prk_steps": True}
 
     def _start_latents(self, shape: tuple[int, ...], dtype: torch.dtype, generator: Generator,
-                       latents: torch.Tensor | None, image: torch.Tensor, timestep: torch.Tensor,
-                       from_noise: bool, need_image_latents: bool) -> dict[str, torch.Tensor | None]:
-        """z_T (or z_img noised to ``timestep``), the start noise, and z_img when needed."""
-        tc.check_generators(generator, shape[0])
+                       latents: torch.Tensor | None, image: torch.Tensor, from_noise: bool,
+                       need_image_latents: bool) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(the start noise, z_img when needed, whether the run starts from the noise): the noise is drawn,
+        or ``latents``, which the run then starts from whatever ``strength`` is."""
+        check_generators(generator, shape[0])
         image_latents = None
         if need_image_latents or (latents is None and not from_noise):
             image = image.to(device=self.device, dtype=dtype)
             image_latents = image if image.shape[1] == shape[1] else tc.encode_image(self.vae, image, generator)
             image_latents = tc.spread_batch(image_latents, shape[0], contiguous=True)
-        sigma0 = self.scheduler.init_noise_sigma
         if latents is None:
-            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
-            latents = noise * sigma0 if from_noise else self.scheduler.add_noise(image_latents, noise, timestep)
-        else:
-            if tuple(latents.shape) != tuple(shape):
-                raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {tuple(shape)}")
-            noise = latents.to(self.device)
-            latents = noise * sigma0
-        return {"latents": latents, "noise": noise, "image_latents": image_latents}
+            return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype), image_latents, from_noise
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {tuple(shape)}")
+        return latents.to(self.device), image_latents, True
 
     def _mask_latents(self, mask: torch.Tensor, masked_image: torch.Tensor, batch: int, height: int, width: int,
                       dtype: torch.dtype, generator: Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +87,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         as :meth:`StableDiffusionPipeline.__call__`.
         """
         height, width = tc.image_size(height, width, self.default_size(), max(8, self.vae_scale_factor))
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1]; got {strength}")
+        check_strength(strength)
         if image is None or mask_image is None:
             raise ValueError("inpainting needs an image and a mask_image")
         self.check_common(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
@@ -104,39 +100,26 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         # 1. text embeddings, 2. the schedule (the last int(n * strength) steps)
         batch, state = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                           num_images_per_prompt, clip_skip, guidance_scale)
-        timesteps, num_inference_steps = tc.retrieve_timesteps(self.scheduler, num_inference_steps, self.device,
-                                                               timesteps, sigmas)
-        timesteps, num_inference_steps = tc.strength_timesteps(self.scheduler, num_inference_steps, strength)
-        # 3. start latents (and z_img, the noise, for the 4-channel blend)
+        run = set_timesteps(self.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas, strength=strength)
+        # 3. the start noise (and z_img, for the 4-channel blend or a start part-way)
         init_image = tc.preprocess_image(image, height, width, multiple=self.vae_scale_factor,
                                          latent_channels=latent_channels).to(dtype=torch.float32)
         dtype = state["prompt_embeds"].dtype
         shape = (batch, latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         blend = unet_channels == latent_channels
-        start = self._start_latents(shape, dtype, generator, latents, init_image, timesteps[:1].repeat(batch),
-                                    from_noise=strength == 1.0, need_image_latents=blend)
-        state["latents"] = start["latents"]
+        noise, image_latents, from_noise = self._start_latents(shape, dtype, generator, latents, init_image,
+                                                               from_noise=strength == 1.0, need_image_latents=blend)
         # 4. the mask and the masked image's latents
         mask = tc.preprocess_image(mask_image, height, width, multiple=self.vae_scale_factor, mask=True,
                                    latent_channels=latent_channels)
         masked = init_image * (mask < 0.5) if masked_image_latents is None else masked_image_latents
-        state["mask"], state["masked_image_latents"] = self._mask_latents(mask, masked, batch, height, width,
-                                                                          dtype, generator)
-
-        def with_condition(x: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
-            return torch.cat([x, s["mask"], s["masked_image_latents"]], dim=1)
-
-        def blend_known(i: int, s: dict[str, Any]) -> torch.Tensor:
-            keep = start["image_latents"]
-            if i < len(timesteps) - 1:
-                keep = self.scheduler.add_noise(keep, start["noise"], timesteps[i + 1:i + 2])
-            m = s["mask"].chunk(2)[0] if self.do_classifier_free_guidance else s["mask"]
-            return (1 - m) * keep + m * s["latents"]
-
-        # 5. denoise, 6. decode
-        latents = self._denoise(state, timesteps, num_inference_steps, tc.step_kwargs(self.scheduler, generator, eta),
+        mask, masked = self._mask_latents(mask, masked, batch, height, width, dtype, generator)
+        # 5. denoise: a 9-channel UNet sees the condition, a 4-channel one is blended after each step; 6. decode
+        condition = {"mask": mask, "masked_image_latents": masked}
+        latents = self._denoise(noise, run, state, generator=generator, eta=eta, image_latents=image_latents,
+                                start_from_noise=from_noise, mask=mask if blend else None,
+                                model_inputs=None if blend else condition,
+                                callback_tensors={"masked_image_latents": masked} if blend else None,
                                 callback_on_step_end=callback_on_step_end,
-                                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                                model_input=None if blend else with_condition,
-                                after_step=blend_known if blend else None)
+                                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         return self._finish(latents, output_type, dtype, return_dict)

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from ..configuration import ConfigMixin
 from ..hub import PICKLE_PATTERNS, resolve_directory
 from ..modeling import ModelMixin
-from ..utils.io import atomic_directory, contained_path, read_json, write_json
+from ..pipeline_directory import MODEL_INDEX, component_entry, save_pipeline_directory
+from ..utils.io import contained_path, read_json
 from ..utils.outputs import BaseOutput
-from .runtime import SamplingRuntime
+from ..sampling import SamplingRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +91,9 @@ def postprocess_images(image: torch.Tensor, output_type: str, do_denormalize: Se
     return numpy_to_pil(array) if output_type == "pil" else array
 
 
-def _library_of(component: Any) -> tuple[str | None, str | None]:
-    """The ``[library, class]`` entry diffusers would write for ``component``."""
-    if component is None:
-        return None, None
-    cls = type(component)
-    parts = cls.__module__.split(".")
-    if parts[0] == "diffusers" and len(parts) > 2 and parts[1] == "pipelines":  # e.g. diffusers' LDMBertModel
-        return parts[2], cls.__name__
-    if parts[0] in _OWN_LIBRARIES:
-        return getattr(cls, "_diffusers_library", "diffusers"), cls.__name__
-    return parts[0], cls.__name__
+def unet_prediction(unet: Any, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The output tensor of a diffusers-style UNet call, ``unet(x, t, **kwargs).sample``: a loop's ``predict``."""
+    return unet(x, t, **kwargs).sample
 
 
 def _resolve_class(library: str, class_name: str, component: str) -> type:
@@ -124,9 +117,9 @@ def _resolve_class(library: str, class_name: str, component: str) -> type:
 
 class DiffusionPipeline(SamplingRuntime, ConfigMixin):
     """Base of pipelines: holds components, moves them between devices, saves and loads them; the
-    loop's run-time choices (CUDA graphs) come from :class:`~fusediff.pipelines.runtime.SamplingRuntime`."""
+    loop's run-time choices (CUDA graphs) come from :class:`~fusediff.sampling.SamplingRuntime`."""
 
-    config_name = "model_index.json"
+    config_name = MODEL_INDEX
     # Constructor arguments stored in model_index.json as plain values, not [library, class] pairs.
     _config_arguments: tuple[str, ...] = ()
     # Components the pipeline never uses: a model_index.json entry naming one loads as None.
@@ -138,13 +131,13 @@ class DiffusionPipeline(SamplingRuntime, ConfigMixin):
             if not name.isidentifier():
                 raise ValueError(f"component name {name!r} must be a Python identifier")
             setattr(self, name, component)
-            self.register_to_config(**{name: list(_library_of(component))})
+            self.register_to_config(**{name: component_entry(component)})
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Assigning a registered component (``pipe.scheduler = ...``) also updates its model_index entry."""
         config = self.__dict__.get("_internal_dict", {})
         if name in self.__dict__ and name in config and name not in self._config_arguments:
-            self.register_to_config(**{name: list(_library_of(value))})
+            self.register_to_config(**{name: component_entry(value)})
         super().__setattr__(name, value)
 
     # -- components and devices ----------------------------------------------------------
@@ -218,17 +211,7 @@ class DiffusionPipeline(SamplingRuntime, ConfigMixin):
     # -- saving --------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, variant: str | None = None) -> None:
         """Write ``model_index.json`` and each component into its subfolder, atomically as a whole."""
-        with atomic_directory(save_directory) as tmp:
-            write_json(tmp / self.config_name, self.config_dict_to_save())
-            for name, component in self.components.items():
-                if component is None:
-                    continue
-                if not hasattr(component, "save_pretrained"):
-                    raise TypeError(f"component {name!r} ({type(component).__name__}) cannot be saved")
-                if isinstance(component, ModelMixin):
-                    component.save_pretrained(tmp / name, variant=variant)
-                else:
-                    component.save_pretrained(tmp / name)
+        save_pipeline_directory(save_directory, self.config_dict_to_save(), self.components, variant=variant)
 
     # -- loading -------------------------------------------------------------------------
     @classmethod

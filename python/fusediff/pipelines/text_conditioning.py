@@ -1,10 +1,9 @@
 """The pieces every text-conditioned latent pipeline (Stable Diffusion, LDM) shares, one implementation each.
 
 - prompt encoding: tokenise to a fixed length, run the text encoder, repeat per image;
-- classifier-free guidance: eps = eps_uncond + w (eps_text - eps_uncond) (Ho & Salimans 2022, eq. 6,
-  whose w is ours - 1), the unconditional half first in the batch; the rescale of Lin et al. 2024 (eq. 15-16);
-- timesteps: the scheduler's, custom ones, and the img2img start step from ``strength``;
-- latents: x_T ~ N(0, I) scaled by the scheduler's ``init_noise_sigma``;
+- the guidance-scale embedding of guidance-distilled UNets (the guidance itself is
+  :mod:`fusediff.sampling.guidance`, timesteps and start noise the rest of :mod:`fusediff.sampling`);
+- batches: images spread over prompts, image sizes;
 - the VAE: encode with a sampled posterior (one generator per image if a list is given), decode;
 - images: PIL / numpy / torch inputs to a (B, C, H, W) tensor in [-1, 1], masks to {0, 1}; outputs to
   PIL, numpy, torch or latents.
@@ -19,7 +18,6 @@ IP-Adapter embeddings; PIL inputs that are not RGB are converted to RGB (diffuse
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +26,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..utils.torch_utils import Generator, randn_tensor
+from ..utils.torch_utils import Generator
 from . import pipeline_utils
 from .pipeline_utils import postprocess_images
 
@@ -109,47 +107,7 @@ def repeat_per_prompt(embeds: torch.Tensor, num_images_per_prompt: int) -> torch
     return embeds.repeat(1, num_images_per_prompt, 1).view(batch * num_images_per_prompt, seq, -1)
 
 
-# -- guidance ----------------------------------------------------------------------------------
-def guide(noise_pred: torch.Tensor, guidance_scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier-free guidance on a (2B, ...) prediction, unconditional half first; returns (eps, eps_text).
-
-    ``guidance_scale`` may be a 0-d float32 tensor on the prediction's device (what a CUDA graph
-    replays with a new scale): a half-precision prediction is then guided in float32 and rounded
-    once, where a Python scale is applied in the prediction's dtype as diffusers applies it.
-    """
-    uncond, text = noise_pred.chunk(2)
-    if isinstance(guidance_scale, torch.Tensor) and guidance_scale.dtype != noise_pred.dtype:
-        guided = uncond.to(guidance_scale.dtype) + guidance_scale * (text - uncond).to(guidance_scale.dtype)
-        return guided.to(noise_pred.dtype), text
-    return uncond + guidance_scale * (text - uncond), text
-
-
-def guided_prediction(unet: Any, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
-                      scale: torch.Tensor, timestep_cond: torch.Tensor | None, guided: bool,
-                      guidance_rescale: float = 0.0) -> torch.Tensor:
-    """A step's model call and classifier-free guidance: what a pipeline's CUDA graph captures. Every
-    value that changes between steps or calls (x, t, embeddings, scale) is a tensor argument."""
-    extra = {"timestep_cond": timestep_cond} if timestep_cond is not None else {}
-    noise_pred = unet(x, t, encoder_hidden_states=prompt_embeds, **extra).sample
-    if guided:
-        noise_pred, noise_text = guide(noise_pred, scale)
-        if guidance_rescale > 0:
-            noise_pred = rescale_guidance(noise_pred, noise_text, guidance_rescale)
-    return noise_pred
-
-
-def scale_tensor(guidance_scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``guidance_scale`` as a 0-d tensor on ``device`` for :func:`guide`: float32, or ``dtype`` if wider."""
-    return torch.full((), guidance_scale, dtype=torch.promote_types(dtype, torch.float32), device=device)
-
-
-def rescale_guidance(noise_cfg: torch.Tensor, noise_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Match the guided prediction's std to the text prediction's, then mix (Lin et al. 2024, eq. 15-16)."""
-    dims = list(range(1, noise_text.ndim))
-    rescaled = noise_cfg * (noise_text.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
-
-
+# -- guidance-distilled UNets -----------------------------------------------------------------
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Sinusoidal embedding of 1000 w, the timestep condition of guidance-distilled UNets (VDM, LCM)."""
     w = w * 1000.0
@@ -160,75 +118,7 @@ def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.d
     return torch.nn.functional.pad(emb, (0, 1)) if embedding_dim % 2 == 1 else emb
 
 
-# -- timesteps and scheduler arguments ---------------------------------------------------------
-def retrieve_timesteps(scheduler: Any, num_inference_steps: int | None, device: torch.device,
-                       timesteps: Sequence[int] | None = None,
-                       sigmas: Sequence[float] | None = None) -> tuple[torch.Tensor, int]:
-    """Set the scheduler's timesteps (a count, or custom timesteps or sigmas); returns them, on the
-    CPU (the loop steps with them there), and the step count."""
-    if timesteps is not None and sigmas is not None:
-        raise ValueError("pass custom timesteps or custom sigmas, not both")
-    custom = {"timesteps": timesteps} if timesteps is not None else {"sigmas": sigmas} if sigmas is not None else {}
-    if custom:
-        name = next(iter(custom))
-        if name not in inspect.signature(scheduler.set_timesteps).parameters:
-            raise ValueError(f"{type(scheduler).__name__}.set_timesteps takes no custom {name}")
-        scheduler.set_timesteps(device=device, **custom)
-        return host_timesteps(scheduler), len(scheduler.timesteps)
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    return host_timesteps(scheduler), num_inference_steps
-
-
-def host_timesteps(scheduler: Any) -> torch.Tensor:
-    """The scheduler's timesteps on the CPU: fusediff schedulers keep a copy; others' are copied back."""
-    host = getattr(scheduler, "host_timesteps", None)
-    return host if isinstance(host, torch.Tensor) else scheduler.timesteps.cpu()
-
-
-def strength_timesteps(scheduler: Any, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
-    """The last int(n * strength) steps of the schedule (img2img and inpainting start part-way)."""
-    order = getattr(scheduler, "order", 1)
-    t_start = max(num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps), 0)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(t_start * order)
-    remaining = num_inference_steps - t_start
-    if remaining < 1:
-        raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves no step to run; "
-                         "raise strength or num_inference_steps")
-    return host_timesteps(scheduler)[t_start * order:], remaining
-
-
-def step_kwargs(scheduler: Any, generator: Generator, eta: float) -> dict[str, Any]:
-    """``eta`` and ``generator`` for ``scheduler.step``, each only if the scheduler takes it."""
-    params = inspect.signature(scheduler.step).parameters
-    kwargs: dict[str, Any] = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
-
-
-def check_generators(generator: Generator, batch_size: int) -> None:
-    if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
-        raise ValueError(f"got {len(generator)} generators for {batch_size} images; pass one per image")
-
-
-def prepare_latents(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator: Generator,
-                    latents: torch.Tensor | None, init_noise_sigma: float | torch.Tensor) -> torch.Tensor:
-    """x_T: ``latents`` if given, else N(0, I) of ``shape`` drawn as diffusers draws it; times init_noise_sigma."""
-    check_generators(generator, shape[0])
-    if latents is None:
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    elif tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {tuple(shape)}")
-    else:
-        latents = latents.to(device)
-    return latents * init_noise_sigma
-
-
+# -- batches -------------------------------------------------------------------------------
 def spread_batch(x: torch.Tensor, batch: int, what: str = "images", *, contiguous: bool = False) -> torch.Tensor:
     """``x`` tiled to ``batch`` rows (all of x, then all again), as diffusers spreads images over prompts.
 
