@@ -11,7 +11,9 @@ and the trainer: Trainer and TrainConfig (``fusediff train``), checkpoints, DDP 
 bundled digits data, and CUDAGraphTrainStep (a whole training step replayed from one CUDA graph).
 
 A training model is called as ``model(sample, timestep, **cond) -> tensor``; batches are dicts of tensors.
-Layering (DESIGN.md): training imports models, schedulers, kernels and utils; pipelines never import training.
+Layering (DESIGN.md): training imports models, schedulers, sampling (the sampling loop), kernels and utils,
+never pipelines (the final pipeline directory is written by class name, :mod:`fusediff.pipeline_directory`);
+pipelines never import training.
 """
 
 from .adapters import ClassConditioning, ClassifierFreeGuidance, TextConditioning, UNetAdapter

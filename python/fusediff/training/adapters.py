@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..sampling import combine
 from .losses import draw
 
 
@@ -288,4 +289,4 @@ class ClassifierFreeGuidance(nn.Module):
         out = self.model(torch.cat([sample, sample]), t, **both)
         # 2. eps_u + s (eps_c - eps_u)
         out_c, out_u = out.chunk(2)
-        return out_u + s * (out_c - out_u)
+        return combine(out_u, out_c, s)

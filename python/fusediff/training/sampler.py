@@ -6,9 +6,10 @@ Training (``sampler.train(); loss = sampler(batch)``), Ho et al. 2020, alg. 1:
     2. x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     3. one model call m = model(x_t, t, **cond); target from the predictor (eps, x0 or v)
     4. per-item MSE in float32, optionally times the min-SNR-gamma weight (Hang et al. 2023), then the mean.
-Evaluation (``sampler.eval(); x0 = sampler(batch)``): from x_T = ``batch["noise"]``, the loop of a fusediff
-scheduler built from the schedule (DDIM, eta = 0, by default: Song et al. 2021, eq. 12), i.e. what
-DDIMPipeline computes, returned in the data's scale (no [-1, 1] -> [0, 1] mapping, no VAE decoding).
+Evaluation (``sampler.eval(); x0 = sampler(batch)``): from x_T = ``batch["noise"]``, the pipelines' loop
+(:func:`fusediff.sampling.denoise`) with a fusediff scheduler built from the schedule (DDIM, eta = 0, by
+default: Song et al. 2021, eq. 12), i.e. what DDIMPipeline computes, returned in the data's scale (no
+[-1, 1] -> [0, 1] mapping, no VAE decoding).
 
 Limits: discrete-time objectives only; the loss is an unweighted or min-SNR-weighted MSE; evaluation runs
 under ``torch.no_grad`` and is not meant to be compiled as a whole (compile the model instead).
@@ -16,7 +17,6 @@ under ``torch.no_grad`` and is not meant to be compiled as a whole (compile the 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sampling import denoise
 from ..utils.torch_utils import randn_tensor
 from .losses import TIMESTEP_SAMPLINGS, min_snr_weights, sample_timesteps
 from .predictor import Predictor
@@ -159,22 +160,9 @@ class Sampler(nn.Module):
 
     def _loop(self, scheduler: Any, noise: torch.Tensor, cond: dict[str, Any], generator: torch.Generator | None,
               num_inference_steps: int) -> torch.Tensor:
-        params = inspect.signature(scheduler.step).parameters
-        step_kwargs: dict[str, Any] = {}
-        if "eta" in params:
-            step_kwargs["eta"] = self.eta
-        if "generator" in params:
-            step_kwargs["generator"] = generator
-        # 1. x_T, scaled to the scheduler's first noise level (1 for DDIM)
-        x = noise * scheduler.init_noise_sigma
-        scheduler.set_timesteps(num_inference_steps)
-        device_timesteps = scheduler.timesteps.to(x.device)
-        # 2. x_{t'} = step(model(x_t, t), t, x_t)
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(x, t)
-            out = self.model(model_input, device_timesteps[i], **cond)
-            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-        return x
+        """x_T = noise * init_noise_sigma, then x_{t'} = step(model(x_t, t), t, x_t): :func:`fusediff.sampling.denoise`."""
+        return denoise(scheduler, self.model, noise, num_inference_steps=num_inference_steps, model_kwargs=cond,
+                       generator=generator, eta=self.eta, progress=False)
 
     def sample(self, batch_size: int, shape: Sequence[int], generator: torch.Generator | None = None,
                num_inference_steps: int = 50, **cond: Any) -> torch.Tensor:

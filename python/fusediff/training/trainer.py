@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..pipeline_directory import model_index, save_pipeline_directory
 from . import distributed as D
 from .checkpoint import STATE_FILE, load_state, resolve_checkpoint, save_checkpoint, save_state
 from .config import MIXED_PRECISION, TrainConfig, lr_at
@@ -91,8 +92,8 @@ class Trainer:
         unet: the model whose weights are saved (default: the first fusediff model inside ``sampler``).
         scheduler: the sampling scheduler saved with the final pipeline (default: a DDPMScheduler over the
             sampler's schedule, with its prediction type).
-        pipeline_cls: class of the final pipeline (default: ClassConditionalPipeline when the UNet has
-            class embeddings, else DDPMPipeline).
+        pipeline_cls: class of the final pipeline (default: a directory naming ClassConditionalPipeline when
+            the UNet has class embeddings, else DDPMPipeline; see :meth:`save_pipeline`).
         dist: the :class:`~fusediff.training.distributed.DistInfo` of this process (default: the current
             process group, on the sampler's device).
         progress: show a tqdm bar on rank 0.
@@ -293,32 +294,32 @@ class Trainer:
         save_image_grid(self.sample(), path)
         return path
 
-    def _pipeline(self) -> Any:
-        scheduler = self.scheduler
-        if scheduler is None:
-            from ..schedulers import DDPMScheduler
+    def _scheduler(self) -> Any:
+        """The scheduler saved with the pipeline: the given one, or a DDPMScheduler over the sampler's schedule."""
+        if self.scheduler is not None:
+            return self.scheduler
+        from ..schedulers import DDPMScheduler
 
-            predictor = getattr(self.sampler, "predictor", None)
-            overrides = {"prediction_type": predictor.prediction_type} if predictor is not None else {}
-            scheduler = self.sampler.schedule.to_scheduler(DDPMScheduler, **overrides)
-        cls = self.pipeline_cls
-        if cls is None:
-            if getattr(self.unet.config, "num_class_embeds", None):
-                try:
-                    from ..pipelines.pipeline_class_conditional import ClassConditionalPipeline as cls
-                except ImportError:
-                    warnings.warn("ClassConditionalPipeline is not available: the class-conditional model is "
-                                  "saved as a DDPMPipeline directory", stacklevel=3)
-            if cls is None:
-                from ..pipelines import DDPMPipeline as cls
-        return cls(unet=self.unet, scheduler=scheduler)
+        predictor = getattr(self.sampler, "predictor", None)
+        overrides = {"prediction_type": predictor.prediction_type} if predictor is not None else {}
+        return self.sampler.schedule.to_scheduler(DDPMScheduler, **overrides)
 
     def save_pipeline(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the pipeline with the EMA weights to ``path`` (default ``out_dir``) atomically, on rank 0."""
+        """Write the pipeline with the EMA weights to ``path`` (default ``out_dir``) atomically, on rank 0.
+
+        Without ``pipeline_cls`` the directory names ``ClassConditionalPipeline`` for a UNet with class
+        embeddings (which loads it with its default null class and guidance, sampling with DDIM) and
+        ``DDPMPipeline`` otherwise, with the UNet and the scheduler as components."""
         path = Path(path) if path is not None else self.out_dir
         if self.dist.is_main:
             with self.ema_weights():
-                self._pipeline().save_pretrained(path)
+                components = {"unet": self.unet, "scheduler": self._scheduler()}
+                if self.pipeline_cls is not None:
+                    self.pipeline_cls(**components).save_pretrained(path)
+                else:
+                    conditional = bool(getattr(self.unet.config, "num_class_embeds", None))
+                    name = "ClassConditionalPipeline" if conditional else "DDPMPipeline"
+                    save_pipeline_directory(path, model_index(name, components), components)
         self._dump_rank_weights()
         D.barrier()
         return path
