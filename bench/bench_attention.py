@@ -1,6 +1,6 @@
 """Benchmark of attention without a mask (fusediff.kernels.attention) on a CUDA GPU.
 
-For the shapes of issue 4 (Stable Diffusion's self- and cross-attention, heads of 40 to 128), in
+For Stable Diffusion's attention shapes (self- and cross-attention, heads of 40 to 128), in
 fp16 (and bf16 unless --quick), it times in one run: fusediff's Triton flash-attention kernel
 (autotuned on its first call, which is not timed); torch's scaled_dot_product_attention with each
 of the FLASH_ATTENTION, EFFICIENT_ATTENTION and CUDNN_ATTENTION backends (a backend that refuses

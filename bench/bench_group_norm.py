@@ -1,6 +1,6 @@
 """Benchmark of GroupNorm+SiLU (fusediff.kernels.group_norm) on a CUDA GPU.
 
-For the feature maps of diffusion UNets and VAEs (the shapes of issue 4), fp16, bf16 and fp32,
+For the feature maps of diffusion UNets and VAEs (SD 1.5 UNet and VAE shapes), fp16, bf16 and fp32,
 NCHW and NHWC, it times in one run: fusediff's Triton kernels; PyTorch eager
 (F.group_norm then F.silu); the same two ops under torch.compile (Inductor); and fusediff's
 reference (group_norm_ref). Two times per row: ``us``, the triton.testing.do_bench median of

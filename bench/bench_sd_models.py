@@ -12,7 +12,7 @@ model's matmul, conv and attention FLOPs with torch.utils.flop_counter, and the 
 fraction is against the measured bf16 matmul rate. max_rel_diff is the largest |fusediff - diffusers| over the largest |diffusers| (fp16
 rounding differences, accumulated through the model).
 
-This is where issue 6's end-to-end work starts from: no layout or compile work in the models here.
+The models run as loaded: no layout change and no compile (bench_pipeline.py times those).
 
 Usage: python bench/bench_sd_models.py [--out DIR] [--dtype fp16|bf16] [--compile]
 """

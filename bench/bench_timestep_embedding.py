@@ -1,5 +1,5 @@
 """Benchmark of the timestep embedding (fusediff.kernels.timestep_embedding) and the time MLP
-(fusediff.kernels.timestep_mlp) on a CUDA GPU: issue 4's "5x faster than diffusers in eager mode".
+(fusediff.kernels.timestep_mlp) on a CUDA GPU, against diffusers eager (target: 5x).
 
 Both ops are launch-bound (a few KB to a few MB), so every row has three measures:
   gpu_us   triton.testing.do_bench median with L2 cleared before each call: GPU time only, the

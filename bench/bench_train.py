@@ -49,7 +49,7 @@ from fusediff.utils.cli_types import positive_int  # noqa: E402
 ROWS = ("diffusers-eager", "diffusers-eager-cl", "diffusers-compile", "diffusers-graph", "fusediff-eager",
         "fusediff-eager-nchw", "fusediff-ref", "fusediff-compile", "fusediff-graph")
 NUM_TRAIN_TIMESTEPS = 1000
-TARGET_SPEEDUP = 1.5  # issue 7: fusediff at least 1.5x diffusers eager
+TARGET_SPEEDUP = 1.5  # the training target: fusediff at least 1.5x diffusers eager
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 """Kernel profile of one Stable Diffusion 1.5 UNet step and one VAE decode on a CUDA GPU, and the
-layout copies in them (issue 6, item 1: channels-last end to end, no layout copies in the step).
+layout copies in them (channels-last end to end should leave none in the step).
 
 Models: fusediff's UNet2DConditionModel with SD 1.5's config (SD15_UNET of fusediff.benchmarks.models) for
 one denoising step, batch 2 (classifier-free guidance), 64x64 latents, 77 tokens of width 768; the

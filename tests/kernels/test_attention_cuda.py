@@ -1,5 +1,5 @@
-"""attention's Triton kernel on a CUDA device: the shapes of issue 4 (Stable Diffusion's self- and
-cross-attention) in fp16 and bf16, head sizes 160 and 256, every config of the tuning space,
+"""attention's Triton kernel on a CUDA device: Stable Diffusion's self- and
+cross-attention shapes in fp16 and bf16, head sizes 160 and 256, every config of the tuning space,
 random odd shapes, (B, S, H, D) views and fused-qkv slices, outputs poisoned with NaN (every row
 must be written), torch.compile, and the house tolerance rule (NaN never passes). Head sizes above
 256 (the VAE mid-block's single 512-wide head) go through torch's SDPA, its memory-efficient
@@ -28,7 +28,7 @@ from fusediff.kernels import _backend
 AT = sys.modules["fusediff.kernels.attention"]
 pytestmark = pytest.mark.gpu
 LOW = [torch.float16, torch.bfloat16]
-ISSUE_SHAPES = [  # (B, H, Sq, Sk, D)
+SD_SHAPES = [  # (B, H, Sq, Sk, D)
     (2, 8, 4096, 4096, 40),  # SD 1.5, 64x64 latents, self-attention
     (2, 8, 4096, 77, 40),  # the same, cross-attention to 77 text tokens
     (2, 8, 1024, 1024, 80),  # SD 1.5, 32x32
@@ -78,7 +78,7 @@ def check(q, k, v, scale, what, config=None):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("shape", ISSUE_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=str)
 def test_issue_shapes(shape, dtype):
     check(*qkv(*shape, dtype, seed=sum(shape)), shape[-1] ** -0.5, f"{shape} {dtype}")
 

@@ -1,4 +1,4 @@
-"""Channels-last end to end (issue 6, item 1): every model gives the same result in either layout,
+"""Channels-last end to end: every model gives the same result in either layout,
 returns channels-last outputs for channels-last inputs and weights, and makes no layout copy.
 
 Same results: each tiny model runs contiguous (NCHW weights and input), then moved to channels-last

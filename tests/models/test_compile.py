@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of every model and of the scheduler step (issue 6, item 4).
+"""torch.compile(fullgraph=True) of every model and of the scheduler step.
 
 ``fullgraph=True`` raises at the first graph break, so a compile that returns is one graph; a
 counting backend also checks that one call is one frame. Every compiled call is compared with the

@@ -203,6 +203,17 @@ def test_channels_last_latents():
     assert seen == [True] * 3
 
 
+def test_no_autograd_graph_unless_asked():
+    model, noise = _model(2), _noise(2)
+    plain = denoise(schedulers("ddim")[0], model, noise, num_inference_steps=3, progress=False)
+    assert not plain.requires_grad, "the loop keeps no autograd graph by default"
+    differentiable = denoise(schedulers("ddim")[0], model, noise, num_inference_steps=3, progress=False, grad=True)
+    assert differentiable.requires_grad
+    differentiable.sum().backward()
+    assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
+    assert torch.allclose(plain, differentiable.detach(), rtol=0, atol=0)
+
+
 def test_cuda_graph_falls_back_on_the_cpu():
     model, noise = _model(1), _noise(1)
     eager_s, graph_s = schedulers("ddim")[0], schedulers("ddim")[0]

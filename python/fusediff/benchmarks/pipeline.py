@@ -97,7 +97,7 @@ CSV_FIELDS = ["run_id", "impl", "column", "library", "mode", "layout", "input_la
               "note"]
 TABLE_FIELDS = ["impl", "column", "ms", "gpu_ms", "speedup", "gpu_speedup", "roofline", "warmup_s", "max_rel_diff",
                 "note"]
-# issue 6's targets, checked by --report
+# the pipeline benchmark's targets (ms and speedups), checked by --report
 UNET_MS, UNET_VS_EAGER, UNET_VS_COMPILE, VAE_MS, T2I_MS, PATCH_VS_EAGER = 8.0, 3.3, 1.5, 8.0, 450.0, 1.5
 
 
@@ -267,7 +267,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """One line per issue-6 target, from :func:`newest` rows: the figure, the target, met or not."""
+    """One line per target, from :func:`newest` rows: the figure, the target, met or not."""
     by = {(r["impl"], r["column"]): r for r in newest(rows)}
 
     def best(column: str, library: str, mode: str | None = None) -> tuple[str, float] | None:

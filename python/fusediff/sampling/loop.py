@@ -91,7 +91,7 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
             callback_tensors: Mapping[str, torch.Tensor] | None = None, pipeline: Any = None,
             progress: bool | Callable[..., Any] = True, cuda_graph: ModelCallGraphs | bool | None = None,
-            memory_format: torch.memory_format | None = None) -> torch.Tensor:
+            memory_format: torch.memory_format | None = None, grad: bool = False) -> torch.Tensor:
     """Run ``scheduler`` from ``noise`` with ``predict`` as the model; returns the final sample.
 
     Args:
@@ -124,6 +124,8 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
         cuda_graph: replay the model call from CUDA graphs: a :class:`ModelCallGraphs` kept across
             loops, or True for graphs of this loop only. Outputs equal the eager loop's.
         memory_format: ``torch.channels_last`` converts 4-D latents once, before the loop.
+        grad: leave autograd as the caller has it (differentiable sampling); by default the loop runs
+            under ``torch.no_grad()``, as diffusers' pipelines do.
     """
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a tensor; got {type(noise).__name__}")
@@ -164,7 +166,7 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
     order = getattr(scheduler, "order", 1)
     warmup = len(host) - run.num_inference_steps * order
     # 4. x_{t-1} = step(predict(x_t, t), t, x_t)
-    with _progress(progress, run.num_inference_steps) as bar:
+    with _progress(progress, run.num_inference_steps) as bar, contextlib.nullcontext() if grad else torch.no_grad():
         for i, t_host in enumerate(host):
             t = device_timesteps[i]  # the model reads the device copy, the scheduler the host one
             x = state["latents"]
