@@ -6,7 +6,7 @@ dispatch between them (DESIGN.md, decision 2). Select backends with ``FUSEDIFF_K
 """
 
 from . import scheduler_step_coeffs
-from ._backend import BACKENDS, get_backend, use_backend
+from ._backend import BACKENDS, get_backend, reload_environment, use_backend
 from ._ext import has_cuda_kernels
 from .attention import attention, attention_ref
 from .geglu import geglu, geglu_ref
@@ -38,5 +38,6 @@ __all__ = [
     "timestep_mlp",
     "timestep_mlp_ref",
     "timestep_mlp_runs_fused",
+    "reload_environment",
     "use_backend",
 ]

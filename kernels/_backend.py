@@ -5,6 +5,11 @@ reference otherwise; ``fused`` also runs fused code on CPU tensors (the C++ path
 kernels under ``TRITON_INTERPRET=1``); ``ref`` always runs the reference. The environment
 variable ``FUSEDIFF_KERNELS`` sets the default; :func:`use_backend` overrides it within a block.
 :func:`_have_triton` and :func:`_interpreting` are the two facts every Triton op's dispatch reads.
+
+Every fused call asks for the backend, so nothing here reads the environment per call:
+``FUSEDIFF_KERNELS`` is read on first use and kept (entering :func:`use_backend`, or
+:func:`reload_environment`, re-reads it), ``TRITON_INTERPRET`` once at import (Triton itself decides
+between its interpreter and the compiler when a kernel is defined, at import).
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ def _validate(name: str, source: str) -> str:
     return name
 
 
+_env_backend: str | None = None  # $FUSEDIFF_KERNELS as last read; None: not read yet
+
+
+def _read_environment() -> str:
+    global _env_backend
+    _env_backend = None  # a bad value raises, now and at every call until it is fixed
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    _env_backend = _validate(env, ENV_VAR) if env else "auto"
+    return _env_backend
+
+
+def reload_environment() -> str:
+    """Re-read ``FUSEDIFF_KERNELS`` (read once, on first use, otherwise); returns the backend it names."""
+    return _read_environment()
+
+
 @torch.compiler.assume_constant_result
 def get_backend() -> str:
     """The backend in force: the innermost :func:`use_backend`, else ``$FUSEDIFF_KERNELS``, else auto.
@@ -43,16 +64,15 @@ def get_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    env = os.environ.get(ENV_VAR)
-    if not env:
-        return "auto"
-    return _validate(env.strip().lower(), ENV_VAR)
+    return _env_backend or _read_environment()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed block with kernel backend ``name`` (``auto``, ``fused`` or ``ref``)."""
     token = _override.set(_validate(name, "use_backend(name)"))
+    global _env_backend
+    _env_backend = None  # the block's end falls back to the environment as it is then
     try:
         yield
     finally:
@@ -68,10 +88,13 @@ def _have_triton() -> bool:
     return _HAVE_TRITON
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 @torch.compiler.assume_constant_result
 def _interpreting() -> bool:
-    """Whether Triton runs its kernels in its interpreter (TRITON_INTERPRET=1), on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    """Whether Triton runs its kernels in its interpreter (TRITON_INTERPRET=1, read at import), on CPU tensors."""
+    return _INTERPRET
 
 
 @functools.lru_cache(maxsize=None)  # a raise is not cached
@@ -100,5 +123,5 @@ def use_triton(x: torch.Tensor, dtypes: tuple, tensors, *, backward: bool = Fals
     if not backward and needs_grad(tensors):
         return False
     if x.is_cuda:
-        return backend == "fused" or _have_triton()
-    return backend == "fused" and x.is_cpu and _interpreting() and _have_triton()
+        return backend == "fused" or _HAVE_TRITON
+    return backend == "fused" and x.is_cpu and _interpreting() and _HAVE_TRITON

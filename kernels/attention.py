@@ -79,8 +79,29 @@ OUT_LAYOUTS = ("bhsd", "bshd")  # memory order of the (B, H, Sq, D) output: cont
 REF_SCORE_BYTES = 256 << 20  # the reference's scores (B, H, rows, Sk) are at most this big at a time
 
 
+_FLOAT_SET = frozenset(_FLOAT_DTYPES)
+_INF = float("inf")
+
+
+def _valid(q, k, v, scale, out_layout) -> bool:
+    """The common case of :func:`_validate` in a few checks: True only where every check there passes."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and (out_layout == "bhsd" or out_layout == "bshd")
+            and (scale is None or (type(scale) is float and -_INF < scale < _INF))):
+        return False
+    if not (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in _FLOAT_SET
+            and k.dtype == q.dtype and v.dtype == q.dtype):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    return (qs[3] > 0 and ks[0] == qs[0] and ks[1] == qs[1] and ks[3] == qs[3] and vs[0] == qs[0]
+            and vs[1] == qs[1] and vs[3] == qs[3] and ks[2] == vs[2] and k.device == q.device
+            and v.device == q.device)
+
+
 def _validate(q, k, v, scale, out_layout="bhsd") -> float:
     """Raise TypeError/ValueError naming the argument; return the scale to use."""
+    if _valid(q, k, v, scale, out_layout):
+        return 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     if out_layout not in OUT_LAYOUTS:
         raise ValueError(f"attention: out_layout must be one of {', '.join(OUT_LAYOUTS)}; got {out_layout!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ._backend import _interpreting
+from ._launch import CachedKernel
 from .attention_triton import LOG2E, MAX_HEAD_DIM, _load_tile, block_d
 
 # per BLOCK_D: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, then of the dQ kernel.
@@ -294,6 +295,12 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t)
 
 
+# launched through CachedKernel: Triton's launch path once per variant, then its compiled kernel directly
+_PREPROCESS = CachedKernel(_bwd_preprocess_kernel)
+_DKDV = CachedKernel(_bwd_dkdv_kernel)
+_DQ = CachedKernel(_bwd_dq_kernel)
+
+
 def launch(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
            lse: torch.Tensor, scale: float, out_lo: torch.Tensor | None = None, config: tuple | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -308,9 +315,6 @@ def launch(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``config`` ((BLOCK_M, BLOCK_N, num_warps, num_stages) for the dK/dV kernel and for the dQ kernel; for
     tests) replaces the table.
     """
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        with torch.cuda.device(q.device):
-            return launch(do, q, k, v, o, lse, scale, out_lo, config)
     batch, heads, sq, head_dim = q.shape
     sk = k.shape[2]
     if not (1 <= head_dim <= MAX_HEAD_DIM and sk >= 1 and q.numel() > 0):
@@ -331,19 +335,23 @@ def launch(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     delta = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device)
     grid = (math.ceil(sq / PREPROCESS_BLOCK_M) * batch * heads,)
     lo = o if out_lo is None else out_lo  # a placeholder pointer without a residual
-    _bwd_preprocess_kernel[grid](o, do, lo, delta, *o.stride(), *lo.stride(), *do.stride(), heads, sq, **common,
-                                 HAS_O_LO=out_lo is not None, BLOCK_M=PREPROCESS_BLOCK_M)
+    _PREPROCESS.launch(
+        grid,
+        (o, do, lo, delta, *o.stride(), *lo.stride(), *do.stride(), heads, sq),
+        dict(**common, HAS_O_LO=out_lo is not None, BLOCK_M=PREPROCESS_BLOCK_M))
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scales = (float(scale), float(scale) * LOG2E)
     # 2. dK, dV: one program per key tile
     bm, bn, warps, stages = dkdv_cfg
-    _bwd_dkdv_kernel[(math.ceil(sk / bn) * batch * heads,)](
-        q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), heads, sq, sk, *scales, **meta,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    _DKDV.launch(
+        (math.ceil(sk / bn) * batch * heads,),
+        (q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), heads, sq, sk, *scales),
+        dict(**meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
     # 3. dQ: one program per query tile
     bm, bn, warps, stages = dq_cfg
-    _bwd_dq_kernel[(math.ceil(sq / bm) * batch * heads,)](
-        q, k, v, do, lse, delta, dq, *strides, *dq.stride(), heads, sq, sk, *scales, **meta,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    _DQ.launch(
+        (math.ceil(sq / bm) * batch * heads,),
+        (q, k, v, do, lse, delta, dq, *strides, *dq.stride(), heads, sq, sk, *scales),
+        dict(**meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
     return dq, dk, dv

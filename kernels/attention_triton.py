@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ._backend import _interpreting
+from ._launch import CachedKernel
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
@@ -279,6 +280,11 @@ _tuned_kernel = triton.autotune(configs=_ALL_CONFIGS, key=["BLOCK_D", "SQ_BUCKET
                                 prune_configs_by={"early_config_prune": _prune})(_attention_fwd_kernel)
 
 
+# launched through CachedKernel: Triton's launch path once per variant, then its compiled kernel directly
+_FWD = CachedKernel(_attention_fwd_kernel)
+_TUNED = CachedKernel(_tuned_kernel)
+
+
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor | None = None,
            config: dict | None = None, *, lse: torch.Tensor | None = None,
            out_lo: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,9 +296,6 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
     if given, receives out's rounding residual (float32 out minus the stored out, rounded), from which the
     backward's D = rowsum(dO * out) is exact to float32. Without them the kernel stores nothing more.
     ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages; for tests and benchmarks) skips the autotuner."""
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        with torch.cuda.device(q.device):
-            return launch(q, k, v, scale, out, config, lse=lse, out_lo=out_lo)
     batch, heads, sq, head_dim = q.shape
     sk = k.shape[2]
     if not (1 <= head_dim <= MAX_HEAD_DIM and sk >= 1 and q.numel() > 0):
@@ -319,9 +322,12 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
         config = INTERPRETER_CONFIG
     if config is not None:
         grid = (math.ceil(sq / config["BLOCK_M"]) * batch * heads,)
-        _attention_fwd_kernel[grid](*args, **meta, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-                                    WARP_SPECIALIZE=config.get("WARP_SPECIALIZE", False),
-                                    num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+        _FWD.launch(
+            grid,
+            args,
+            dict(**meta, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                 WARP_SPECIALIZE=config.get("WARP_SPECIALIZE", False), num_warps=config.get("num_warps", 4),
+                 num_stages=config.get("num_stages", 2)))
     else:
-        _tuned_kernel[lambda m: (triton.cdiv(sq, m["BLOCK_M"]) * batch * heads,)](*args, **meta)
+        _TUNED.launch(lambda m: (triton.cdiv(sq, m["BLOCK_M"]) * batch * heads,), args, meta)
     return out

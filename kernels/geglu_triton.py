@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ._launch import CachedKernel
 from .timestep_embedding_triton import math_options
 
 MAX_TILE = 4096  # elements of y one program writes (h, gate, y: three fp32 tiles live)
@@ -117,6 +118,10 @@ def config(m: int, f: int) -> tuple[int, int, int]:
     return block_m, block_n, warps
 
 
+# launched through CachedKernel: Triton's launch path once per variant, then its compiled kernel directly
+_GEGLU = CachedKernel(_geglu_kernel)
+
+
 def launch(x: torch.Tensor, approximate: str, out: torch.Tensor | None = None,
            block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """y = h * GELU(gate) of shape (..., F) in x's dtype by ``_geglu_kernel``, one launch.
@@ -125,9 +130,6 @@ def launch(x: torch.Tensor, approximate: str, out: torch.Tensor | None = None,
     dtype) receives y if given. ``block_m``, ``block_n`` and ``num_warps`` override :func:`config`
     (powers of two; for benchmarks).
     """
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            return launch(x, approximate, out, block_m, block_n, num_warps)
     two_f = x.shape[-1]
     f = two_f // 2
     rows = x.reshape(-1, two_f)  # (M, 2F): a view when the leading dims collapse, else one copy
@@ -141,8 +143,9 @@ def launch(x: torch.Tensor, approximate: str, out: torch.Tensor | None = None,
     bm, bn, warps = block_m or bm, block_n or bn, num_warps or warps
     blocks_n = triton.cdiv(f, bn)
     grid = (triton.cdiv(m, bm) * blocks_n,)
-    _geglu_kernel[grid](rows, y, m, f, rows.stride(0), y.stride(0), blocks_n,
-                        SQRT1_2=SQRT1_2, TANH_BETA=TANH_BETA, TANH_KAPPA=TANH_KAPPA,
-                        APPROX_TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                        **math_options(x.device))
+    _GEGLU.launch(
+        grid,
+        (rows, y, m, f, rows.stride(0), y.stride(0), blocks_n),
+        dict(SQRT1_2=SQRT1_2, TANH_BETA=TANH_BETA, TANH_KAPPA=TANH_KAPPA, APPROX_TANH=approximate == "tanh",
+             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **math_options(x.device)))
     return out

@@ -56,8 +56,29 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _FUSED_DTYPES + (torch.float64,)
 
 
+_FLOAT_SET = frozenset(_FLOAT_DTYPES)
+_INF = float("inf")
+
+
+def _param_ok(p, channels: int, device) -> bool:
+    return p is None or (isinstance(p, torch.Tensor) and p.dtype in _FLOAT_SET and p.dim() == 1
+                         and p.shape[0] == channels and p.device == device)
+
+
+def _valid(x, num_groups, weight, bias, eps, activation) -> bool:
+    """The common case of :func:`_validate` in a few checks: True only where every check there passes."""
+    if not (isinstance(x, torch.Tensor) and type(num_groups) is int and type(eps) is float and 0.0 <= eps < _INF
+            and (activation is None or (type(activation) is str and activation == "silu"))):
+        return False
+    if not (x.dtype in _FLOAT_SET and x.dim() >= 2 and num_groups > 0 and x.shape[1] % num_groups == 0):
+        return False
+    return _param_ok(weight, x.shape[1], x.device) and _param_ok(bias, x.shape[1], x.device)
+
+
 def _validate(x, num_groups, weight, bias, eps, activation) -> None:
     """Raise TypeError/ValueError naming the argument; the same checks on every backend."""
+    if _valid(x, num_groups, weight, bias, eps, activation):
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm: x must be a torch.Tensor; got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import CachedKernel, scratch
 from .group_norm_triton import _cdiv, padded_group_size, split_geometry
 
 TILE = 4096  # elements per tile of the split plan (x and dy each)
@@ -263,6 +264,14 @@ def plan(x: torch.Tensor, num_groups: int) -> str:
     return "one_pass" if fits_one_pass(x, num_groups) else "split"
 
 
+# launched through CachedKernel: Triton's launch path once per variant, then its compiled kernel directly
+_ONE_PASS = CachedKernel(_one_pass_kernel)
+_PARTIAL_SUMS = CachedKernel(_partial_sums_kernel)
+_GROUP_SUMS = CachedKernel(_group_sums_kernel)
+_INPUT_GRAD = CachedKernel(_input_grad_kernel)
+_PARAM_GRAD = CachedKernel(_param_grad_kernel)
+
+
 def launch_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int, silu: bool,
                     channels_last: bool, force_plan: str | None = None, out: torch.Tensor | None = None
@@ -276,9 +285,6 @@ def launch_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd:
     and strides) receives dx if given. ``force_plan`` ("one_pass" or "split"; for tests and
     benchmarks) overrides :func:`plan`.
     """
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            return launch_backward(dy, x, mean, rstd, weight, bias, num_groups, silu, channels_last, force_plan, out)
     batch, channels = x.shape[0], x.shape[1]
     s = x.numel() // (batch * channels)
     cpg = channels // num_groups
@@ -294,35 +300,40 @@ def launch_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd:
     stride_w = w.stride(0) if weight is not None else 0
     stride_bias = bb.stride(0) if bias is not None else 0
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu)
-    csum = torch.empty((batch, 2, channels), dtype=torch.float32, device=x.device)
+    csum = scratch(x, "group_norm_bwd.csum", batch * 2 * channels)  # (B, 2, C) float32
     which = force_plan or plan(x, num_groups)
     if which == "one_pass":
         if not fits_one_pass(x, num_groups):
             raise ValueError(f"group_norm backward: a group of {cpg} x {s} does not fit the one-pass plan")
         full_c, full_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
         warps = min(16, max(1, full_c * full_s // ONE_PASS_ELEMS_PER_WARP))
-        _one_pass_kernel[(batch * num_groups,)](
-            x, dy, dx, mean, rstd, w, bb, csum, num_groups, cpg, channels, s, *strides, stride_w, stride_bias,
-            **flags, BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps)
+        _ONE_PASS.launch(
+            (batch * num_groups,),
+            (x, dy, dx, mean, rstd, w, bb, csum, num_groups, cpg, channels, s, *strides, stride_w, stride_bias),
+            dict(**flags, BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps))
     else:
         block_c, block_s, n_c, split, s_per_split = split_geometry(x, s, channels_last, TILE, PROGRAMS_PER_SM,
                                                                   MAX_SPLIT)
-        part = torch.empty((batch, split, 2, channels), dtype=torch.float32, device=x.device)
-        coef = torch.empty((batch, num_groups, 2), dtype=torch.float32, device=x.device)
+        part = scratch(x, "group_norm_bwd.part", batch * split * 2 * channels)  # (B, SPLIT, 2, C) float32
+        coef = scratch(x, "group_norm_bwd.coef", batch * num_groups * 2)  # (B, G, 2) float32
         tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=TILE_WARPS)
-        _partial_sums_kernel[(n_c, split, batch)](
-            x, dy, mean, rstd, w, bb, part, num_groups, cpg, channels, s, s_per_split, split, *strides,
-            stride_w, stride_bias, **flags, **tile)
+        _PARTIAL_SUMS.launch(
+            (n_c, split, batch),
+            (x, dy, mean, rstd, w, bb, part, num_groups, cpg, channels, s, s_per_split, split, *strides, stride_w,
+             stride_bias),
+            dict(**flags, **tile))
         full_c = triton.next_power_of_2(cpg)
         block_split = min(triton.next_power_of_2(split), max(1, MERGE_TILE // full_c))
-        _group_sums_kernel[(batch * num_groups,)](
-            part, csum, coef, w, num_groups, cpg, channels, s, split, stride_w,
-            HAS_W=weight is not None, BLOCK_SPLIT=block_split, BLOCK_C=full_c, num_warps=4)
-        _input_grad_kernel[(batch * n_c * _cdiv(s, block_s),)](
-            x, dy, dx, mean, rstd, coef, w, bb, num_groups, cpg, channels, s, *strides, stride_w, stride_bias,
-            **flags, **tile)
+        _GROUP_SUMS.launch(
+            (batch * num_groups,),
+            (part, csum, coef, w, num_groups, cpg, channels, s, split, stride_w),
+            dict(HAS_W=weight is not None, BLOCK_SPLIT=block_split, BLOCK_C=full_c, num_warps=4))
+        _INPUT_GRAD.launch(
+            (batch * n_c * _cdiv(s, block_s),),
+            (x, dy, dx, mean, rstd, coef, w, bb, num_groups, cpg, channels, s, *strides, stride_w, stride_bias),
+            dict(**flags, **tile))
     dw = torch.empty(channels, dtype=torch.float32, device=x.device)
     db = torch.empty_like(dw)
     block = min(PARAM_BLOCK, triton.next_power_of_2(channels))
-    _param_grad_kernel[(_cdiv(channels, block),)](csum, dw, db, batch, channels, BLOCK=block, num_warps=4)
+    _PARAM_GRAD.launch((_cdiv(channels, block),), (csum, dw, db, batch, channels), dict(BLOCK=block, num_warps=4))
     return dx, dw, db

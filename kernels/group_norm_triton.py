@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import CachedKernel, scratch
+
 ONE_PASS_MAX = 16384  # padded elements of a group that one program holds in registers
 ONE_PASS_ELEMS_PER_WARP = 1024  # the one-pass program has one warp per this many elements (at most 16)
 TILE = 4096  # elements per tile of the split plan
@@ -294,6 +296,13 @@ def plan(x: torch.Tensor, num_groups: int) -> str:
     return "one_pass" if fits_one_pass(x, num_groups) else "split"
 
 
+# launched through CachedKernel: Triton's launch path once per variant, then its compiled kernel directly
+_ONE_PASS = CachedKernel(_one_pass_kernel)
+_CHANNEL_STATS = CachedKernel(_channel_stats_kernel)
+_FINALIZE = CachedKernel(_finalize_kernel)
+_APPLY = CachedKernel(_apply_kernel)
+
+
 def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
            eps: float, silu: bool, channels_last: bool, out: torch.Tensor | None = None,
            force_plan: str | None = None, return_stats: bool = False):
@@ -302,9 +311,6 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
     ("one_pass" or "split"; for tests and benchmarks) overrides :func:`plan`. With
     ``return_stats`` the result is (y, mean, rstd), the last two float32 (B, G), written by the
     same kernels (no extra pass) for :mod:`group_norm_backward_triton`."""
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            return launch(x, num_groups, weight, bias, eps, silu, channels_last, out, force_plan, return_stats)
     batch, channels = x.shape[0], x.shape[1]
     s = x.numel() // (batch * channels)
     cpg = channels // num_groups
@@ -326,22 +332,26 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
         if not fits_one_pass(x, num_groups):
             raise ValueError(f"group_norm: a group of {cpg} x {s} does not fit the one-pass plan")
         warps = min(16, max(1, full_c * full_s // ONE_PASS_ELEMS_PER_WARP))
-        _one_pass_kernel[(batch * num_groups,)](
-            x, y, w, bb, mean, rstd, num_groups, cpg, s, *strides, stride_w, stride_bias, eps,
-            HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WRITE_STATS=return_stats,
-            BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps)
+        _ONE_PASS.launch(
+            (batch * num_groups,),
+            (x, y, w, bb, mean, rstd, num_groups, cpg, s, *strides, stride_w, stride_bias, eps),
+            dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WRITE_STATS=return_stats,
+                 BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps))
         return result
     # split: per-channel partial statistics, one merge per group, then the elementwise apply
     block_c, block_s, n_c, split, s_per_split = split_geometry(x, s, channels_last, TILE, PROGRAMS_PER_SM, MAX_SPLIT)
-    part = torch.empty((batch, split, 2, channels), dtype=torch.float32, device=x.device)
-    stat = torch.empty((batch, channels, 2), dtype=torch.float32, device=x.device)
+    part = scratch(x, "group_norm.part", batch * split * 2 * channels)  # (B, SPLIT, 2, C) float32
+    stat = scratch(x, "group_norm.stat", batch * channels * 2)  # (B, C, 2) float32
     tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=TILE_WARPS)
-    _channel_stats_kernel[(n_c, split, batch)](x, part, channels, s, s_per_split, split, *strides, **tile)
+    _CHANNEL_STATS.launch((n_c, split, batch), (x, part, channels, s, s_per_split, split, *strides), tile)
     block_split = min(triton.next_power_of_2(split), max(1, FINALIZE_TILE // triton.next_power_of_2(cpg)))
-    _finalize_kernel[(batch * num_groups,)](
-        part, stat, w, mean, rstd, num_groups, cpg, channels, s, s_per_split, split, stride_w, eps,
-        HAS_W=weight is not None, WRITE_STATS=return_stats, BLOCK_SPLIT=block_split, BLOCK_C=triton.next_power_of_2(cpg), num_warps=4)
-    _apply_kernel[(batch * n_c * _cdiv(s, block_s),)](
-        x, y, stat, bb, channels, s, *strides, stride_bias,
-        HAS_B=bias is not None, SILU=silu, **tile)
+    _FINALIZE.launch(
+        (batch * num_groups,),
+        (part, stat, w, mean, rstd, num_groups, cpg, channels, s, s_per_split, split, stride_w, eps),
+        dict(HAS_W=weight is not None, WRITE_STATS=return_stats, BLOCK_SPLIT=block_split,
+             BLOCK_C=triton.next_power_of_2(cpg), num_warps=4))
+    _APPLY.launch(
+        (batch * n_c * _cdiv(s, block_s),),
+        (x, y, stat, bb, channels, s, *strides, stride_bias),
+        dict(HAS_B=bias is not None, SILU=silu, **tile))
     return result

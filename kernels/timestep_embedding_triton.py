@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ._launch import CachedKernel
+
 MAX_TILE = 4096  # timesteps x frequencies one program holds (angles, sin and cos: 3 fp32 each)
 MAX_BLOCK_J = 256  # frequencies per program
 
@@ -139,15 +141,16 @@ def math_options(device: torch.device) -> dict:
     return _cuda_math_options() if device.type == "cuda" else dict(LIBDEVICE=False)
 
 
+# launched through CachedKernel: Triton's launch path once per variant, then its compiled kernel directly
+_EMBEDDING = CachedKernel(_embedding_kernel)
+
+
 def launch(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, downscale_freq_shift: float,
            scale: float, max_period: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """emb (N, dim) float32 by ``_embedding_kernel``, one launch; arguments validated, N >= 1.
 
     ``out`` (float32 (N, dim), unit column stride) receives emb if given.
     """
-    if timesteps.is_cuda and timesteps.device.index != torch.cuda.current_device():
-        with torch.cuda.device(timesteps.device):
-            return launch(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period, out)
     n = timesteps.shape[0]
     half, neg_log, inv_den, scale32 = constants(dim, float(downscale_freq_shift), float(max_period), float(scale))
     if out is None:
@@ -156,7 +159,9 @@ def launch(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, downscale_f
     block_m = min(triton.next_power_of_2(n), max(1, MAX_TILE // block_j))
     grid = (triton.cdiv(n, block_m), max(1, triton.cdiv(half, block_j)))
     warps = 4 if block_m * block_j >= 2048 else (2 if block_m * block_j >= 512 else 1)
-    _embedding_kernel[grid](timesteps, out, n, half, dim, timesteps.stride(0), out.stride(0), neg_log, inv_den,
-                            scale32, FLIP=bool(flip_sin_to_cos), ODD=dim % 2 == 1,
-                            BLOCK_M=block_m, BLOCK_J=block_j, num_warps=warps, **math_options(timesteps.device))
+    _EMBEDDING.launch(
+        grid,
+        (timesteps, out, n, half, dim, timesteps.stride(0), out.stride(0), neg_log, inv_den, scale32),
+        dict(FLIP=bool(flip_sin_to_cos), ODD=dim % 2 == 1, BLOCK_M=block_m, BLOCK_J=block_j, num_warps=warps,
+             **math_options(timesteps.device)))
     return out

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import CachedKernel
 from .timestep_embedding_triton import constants, load_timesteps, math_options, sin_cos
 
 TILE = 8192  # elements of the largest tile a program holds: a tl.dot operand, or a broadcast product
@@ -203,6 +204,11 @@ def blocks(plan: str, n: int, half: int, hidden: int, out_features: int, use_dot
             dict(BLOCK_M=m, BLOCK_J=j, BLOCK_H=h2, BLOCK_O=o, num_warps=4))
 
 
+# launched through CachedKernel: Triton's launch path once per variant, then its compiled kernel directly
+_HIDDEN = CachedKernel(_hidden_kernel)
+_MLP = CachedKernel(_mlp_kernel)
+
+
 def launch(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: float,
            max_period: float, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
            plan: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,10 +217,6 @@ def launch(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, downscale_f
     ``plan`` is "auto", "one" (one launch; needs dim // 2 <= ONE_LAUNCH_MAX_HALF) or "two".
     ``out`` (N, out_features), the weights' dtype, unit column stride, receives the result if given.
     """
-    if timesteps.is_cuda and timesteps.device.index != torch.cuda.current_device():
-        with torch.cuda.device(timesteps.device):
-            return launch(timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period, w1, b1, w2, b2,
-                          plan, out)
     n, (hidden, _), out_features = timesteps.shape[0], w1.shape, w2.shape[0]
     half, neg_log, inv_den, scale32 = constants(dim, float(downscale_freq_shift), float(max_period), float(scale))
     plan = choose_plan(n, dim, w1) if plan == "auto" else plan
@@ -237,11 +239,15 @@ def launch(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, downscale_f
     if hidden_blocks is not None:  # plan "two", launch 1: h = silu(emb @ W1^T + b1)
         h = torch.empty((n, hidden), dtype=w1.dtype, device=timesteps.device)
         grid = (triton.cdiv(n, hidden_blocks["BLOCK_M"]), triton.cdiv(hidden, hidden_blocks["BLOCK_H"]))
-        _hidden_kernel[grid](timesteps, w1, bias1, h, n, half, hidden, *offsets, timesteps.stride(0), *w1.stride(),
-                             stride_b1, h.stride(0), *consts, HAS_B1=b1 is not None, **hidden_blocks, **common)
+        _HIDDEN.launch(
+            grid,
+            (timesteps, w1, bias1, h, n, half, hidden, *offsets, timesteps.stride(0), *w1.stride(), stride_b1,
+             h.stride(0), *consts),
+            dict(HAS_B1=b1 is not None, **hidden_blocks, **common))
     grid = (triton.cdiv(n, mlp_blocks["BLOCK_M"]), triton.cdiv(out_features, mlp_blocks["BLOCK_O"]))
-    _mlp_kernel[grid](timesteps, h, w1, bias1, w2, bias2, out, n, half, hidden, out_features, *offsets,
-                      timesteps.stride(0), h.stride(0), *w1.stride(), stride_b1, *w2.stride(), stride_b2,
-                      out.stride(0), *consts, RECOMPUTE=hidden_blocks is None, HAS_B1=b1 is not None,
-                      HAS_B2=b2 is not None, **mlp_blocks, **common)
+    _MLP.launch(
+        grid,
+        (timesteps, h, w1, bias1, w2, bias2, out, n, half, hidden, out_features, *offsets, timesteps.stride(0),
+         h.stride(0), *w1.stride(), stride_b1, *w2.stride(), stride_b2, out.stride(0), *consts),
+        dict(RECOMPUTE=hidden_blocks is None, HAS_B1=b1 is not None, HAS_B2=b2 is not None, **mlp_blocks, **common))
     return out

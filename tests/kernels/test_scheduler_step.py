@@ -153,9 +153,13 @@ def test_compiled_step_matches_eager():
 # --- dispatch ------------------------------------------------------------------------------
 
 def test_backend_selection(monkeypatch):
+    """FUSEDIFF_KERNELS is read once (reload_environment or use_backend re-read it); use_backend nests."""
     monkeypatch.delenv("FUSEDIFF_KERNELS", raising=False)
+    assert K.reload_environment() == "auto"
     assert K.get_backend() == "auto"
     monkeypatch.setenv("FUSEDIFF_KERNELS", "ref")
+    assert K.get_backend() == "auto", "the environment is read once, not at every call"
+    K.reload_environment()
     assert K.get_backend() == "ref"
     with K.use_backend("fused"):
         assert K.get_backend() == "fused"
@@ -165,7 +169,9 @@ def test_backend_selection(monkeypatch):
     assert K.get_backend() == "ref"
     monkeypatch.setenv("FUSEDIFF_KERNELS", "fastest")
     with pytest.raises(ValueError, match="FUSEDIFF_KERNELS must be one of auto, fused, ref"):
-        K.get_backend()
+        K.reload_environment()
+    with pytest.raises(ValueError, match="FUSEDIFF_KERNELS must be one of auto, fused, ref"):
+        K.get_backend()  # a bad value raises at every call, not only when read
     with pytest.raises(ValueError, match="use_backend"):
         with K.use_backend("triton"):
             pass
