@@ -8,6 +8,13 @@ normalised over its C/G channels and all spatial positions, then scaled and shif
     y[b, c]   = (x[b, c] - mu[b, g]) / sqrt(var[b, g] + eps) * weight[c] + bias[c]
     y         = y * sigmoid(y)                                    when activation="silu"
 
+With ``add`` (B, C), x is first replaced by x + add[:, :, None, ...], rounded to x's dtype: the
+time-embedding term a diffusion UNet's residual block adds before its second norm. The fused
+kernels add it as they read x, so the sum is never written to memory, and round it as torch's
+add does, so the result equals, bit for bit, ``group_norm(x + add[:, :, None, None])`` on the
+same backend. With gradients the sum is formed by torch and the fused norm runs on it (the
+fused backward has no add term).
+
 GroupNorm is Wu & He, "Group Normalization" (ECCV 2018, arXiv:1803.08494), Sec. 3.1, the
 normalisation x_hat = (x - mu) / sigma over the set S_i of one sample's channel group, followed
 by the per-channel affine gamma * x_hat + beta. SiLU (swish) is x * sigmoid(x) (Elfwing et al.
@@ -60,24 +67,29 @@ _FLOAT_SET = frozenset(_FLOAT_DTYPES)
 _INF = float("inf")
 
 
+def _add_ok(add, x) -> bool:
+    return add is None or (isinstance(add, torch.Tensor) and add.dtype == x.dtype and add.dim() == 2
+                           and add.shape[0] == x.shape[0] and add.shape[1] == x.shape[1] and add.device == x.device)
+
+
 def _param_ok(p, channels: int, device) -> bool:
     return p is None or (isinstance(p, torch.Tensor) and p.dtype in _FLOAT_SET and p.dim() == 1
                          and p.shape[0] == channels and p.device == device)
 
 
-def _valid(x, num_groups, weight, bias, eps, activation) -> bool:
+def _valid(x, num_groups, weight, bias, eps, activation, add=None) -> bool:
     """The common case of :func:`_validate` in a few checks: True only where every check there passes."""
     if not (isinstance(x, torch.Tensor) and type(num_groups) is int and type(eps) is float and 0.0 <= eps < _INF
             and (activation is None or (type(activation) is str and activation == "silu"))):
         return False
     if not (x.dtype in _FLOAT_SET and x.dim() >= 2 and num_groups > 0 and x.shape[1] % num_groups == 0):
         return False
-    return _param_ok(weight, x.shape[1], x.device) and _param_ok(bias, x.shape[1], x.device)
+    return _param_ok(weight, x.shape[1], x.device) and _param_ok(bias, x.shape[1], x.device) and _add_ok(add, x)
 
 
-def _validate(x, num_groups, weight, bias, eps, activation) -> None:
+def _validate(x, num_groups, weight, bias, eps, activation, add=None) -> None:
     """Raise TypeError/ValueError naming the argument; the same checks on every backend."""
-    if _valid(x, num_groups, weight, bias, eps, activation):
+    if _valid(x, num_groups, weight, bias, eps, activation, add):
         return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm: x must be a torch.Tensor; got {type(x).__name__}")
@@ -108,6 +120,15 @@ def _validate(x, num_groups, weight, bias, eps, activation) -> None:
         raise ValueError(f"group_norm: eps must be finite and >= 0; got {eps}")
     if activation is not None and (not isinstance(activation, str) or activation != "silu"):
         raise ValueError(f"group_norm: activation must be None or 'silu'; got {activation!r}")
+    if add is not None:
+        if not isinstance(add, torch.Tensor):
+            raise TypeError(f"group_norm: add must be a torch.Tensor or None; got {type(add).__name__}")
+        if add.dtype != x.dtype:
+            raise TypeError(f"group_norm: add must have x's dtype {x.dtype}; got {add.dtype}")
+        if tuple(add.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"group_norm: add must have shape {tuple(x.shape[:2])} (x's B, C); got {tuple(add.shape)}")
+        if add.device != x.device:
+            raise ValueError(f"group_norm: add is on {add.device}, x is on {x.device}")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -121,8 +142,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _ref(x, num_groups, weight, bias, eps, activation):
+def _plus(x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    """x + add[:, :, None, ...] in x's dtype (torch's rounding), in x's memory format; x itself without add."""
+    if add is None:
+        return x
+    return (x + add.reshape(add.shape + (1,) * (x.dim() - 2))).contiguous(memory_format=_memory_format(x))
+
+
+def _ref(x, num_groups, weight, bias, eps, activation, add=None):
     """group_norm_ref on inputs already validated."""
+    x = _plus(x, add)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     batch, channels = x.shape[0], x.shape[1]
     group_size = channels // num_groups * x.shape[2:].numel()  # elements per (b, g): C/G * spatial
@@ -163,10 +192,10 @@ def _channels_last(x: torch.Tensor) -> bool | None:
     return None
 
 
-def _fused(x, num_groups, weight, bias, eps, activation, channels_last):
+def _fused(x, num_groups, weight, bias, eps, activation, channels_last, add=None):
     if torch.compiler.is_compiling():
-        return torch.ops.fusediff.group_norm(x, num_groups, weight, bias, float(eps), activation == "silu")
-    return _kernels().launch(x, num_groups, weight, bias, float(eps), activation == "silu", channels_last)
+        return torch.ops.fusediff.group_norm(x, num_groups, weight, bias, float(eps), activation == "silu", add)
+    return _kernels().launch(x, num_groups, weight, bias, float(eps), activation == "silu", channels_last, add=add)
 
 
 def _dense_layout(x: torch.Tensor, op: str) -> bool:
@@ -179,16 +208,16 @@ def _dense_layout(x: torch.Tensor, op: str) -> bool:
 
 @torch.library.custom_op("fusediff::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  eps: float, silu: bool) -> torch.Tensor:
-    """The Triton GroupNorm(+SiLU) forward as a custom op; x contiguous or channels-last."""
+                  eps: float, silu: bool, add: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton GroupNorm(+SiLU) forward as a custom op; x contiguous or channels-last; ``add`` (B, C)."""
     channels_last = _dense_layout(x, "group_norm")
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _kernels().launch(x, num_groups, weight, bias, eps, silu, channels_last)
+    return _kernels().launch(x, num_groups, weight, bias, eps, silu, channels_last, add=add)
 
 
 @group_norm_op.register_fake
-def _(x, num_groups, weight, bias, eps, silu):
+def _(x, num_groups, weight, bias, eps, silu, add=None):
     return torch.empty_like(x)
 
 
@@ -288,15 +317,15 @@ def _fused_train(x, num_groups, weight, bias, eps, activation, channels_last):
 
 def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, eps: float = 1e-5,
-                   activation: str | None = None) -> torch.Tensor:
+                   activation: str | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     """The definition of :func:`group_norm` in PyTorch: two-pass fp32 statistics, one final rounding."""
-    _validate(x, num_groups, weight, bias, eps, activation)
-    return _ref(x, num_groups, weight, bias, eps, activation)
+    _validate(x, num_groups, weight, bias, eps, activation, add)
+    return _ref(x, num_groups, weight, bias, eps, activation, add)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5,
-               activation: str | None = None) -> torch.Tensor:
+               activation: str | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm over (B, C, *), then an optional SiLU; torch's group_norm (+ silu) in one op.
 
     Args:
@@ -307,17 +336,19 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         bias: per-channel shift beta of shape (C,) on x's device, or None for 0.
         eps: added to the variance before the square root; finite and >= 0.
         activation: None, or "silu" to apply y * sigmoid(y) after the affine.
+        add: None, or a (B, C) tensor of x's dtype and device added to x per (batch item, channel)
+            before the norm (rounded to x's dtype, as ``x + add[:, :, None, None]`` is).
 
     Returns:
         y of x's shape and dtype; in x's memory format when x is channels-last (3d), else
         contiguous. Differentiable in x, weight and bias (once); on the fused path the backward
         runs Triton kernels too.
     """
-    _validate(x, num_groups, weight, bias, eps, activation)
-    if 0 < x.numel() and x.numel() // x.shape[0] < 2**31 and _use_fused(x, (x, weight, bias)):
+    _validate(x, num_groups, weight, bias, eps, activation, add)
+    if 0 < x.numel() and x.numel() // x.shape[0] < 2**31 and _use_fused(x, (x, weight, bias, add)):
         channels_last = _channels_last(x)
         if channels_last is not None:
-            if _backend.needs_grad((x, weight, bias)):
-                return _fused_train(x, num_groups, weight, bias, eps, activation, channels_last)
-            return _fused(x, num_groups, weight, bias, eps, activation, channels_last)
-    return _ref(x, num_groups, weight, bias, eps, activation)
+            if _backend.needs_grad((x, weight, bias, add)):
+                return _fused_train(_plus(x, add), num_groups, weight, bias, eps, activation, channels_last)
+            return _fused(x, num_groups, weight, bias, eps, activation, channels_last, add)
+    return _ref(x, num_groups, weight, bias, eps, activation, add)

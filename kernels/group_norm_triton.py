@@ -49,11 +49,20 @@ FINALIZE_TILE = 4096  # partials one program of the merge holds at a time
 
 
 @triton.jit
+def _plus_channel_term(x, ADD, b, ch, c_ok, stride_add_b, stride_add_c):
+    """x (BLOCK_C, BLOCK_S) float32 plus add[b, ch] along its rows, rounded to add's dtype (x's) as torch's
+    ``x + add[:, :, None, None]`` rounds it: then the statistics and the output are those of that sum."""
+    a = tl.load(ADD + b.to(tl.int64) * stride_add_b + ch * stride_add_c, mask=c_ok, other=0.0).to(tl.float32)
+    return (x + a[:, None]).to(ADD.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _one_pass_kernel(
     X,  # input, (B, C, S) with strides (stride_b, stride_c, stride_s)
     Y,  # output, x's shape, dtype and strides
     W,  # weight (C,), read when HAS_W
     Bias,  # bias (C,), read when HAS_B
+    ADD,  # (B, C) in x's dtype, added to x per (batch item, channel) before the norm, read when HAS_ADD
     MEAN,  # float32 (B, G) out: each group's mean, written when WRITE_STATS
     RSTD,  # float32 (B, G) out: each group's 1 / sqrt(var + eps), written when WRITE_STATS
     G,  # number of groups
@@ -61,8 +70,9 @@ def _one_pass_kernel(
     S,  # positions per channel: the product of the spatial sizes
     stride_b, stride_c, stride_s,  # element strides of x and y over (B, C, S)
     stride_w, stride_bias,  # element strides of weight and bias
+    stride_add_b, stride_add_c,  # element strides of add over (B, C)
     eps,  # added to the variance
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
     WRITE_STATS: tl.constexpr,  # also write mean and rstd, for the backward
     BLOCK_C: tl.constexpr,  # >= CPG, a power of two
     BLOCK_S: tl.constexpr,  # >= S, a power of two
@@ -80,6 +90,9 @@ def _one_pass_kernel(
     X += batch
     Y += batch
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    ch = g * CPG + c
+    if HAS_ADD:
+        x = tl.where(mask, _plus_channel_term(x, ADD, b, ch, c_ok, stride_add_b, stride_add_c), 0.0)
     n = CPG * S * 1.0
     # 1. mean, then 2. the variance of the centred values, both over the registers
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
@@ -90,7 +103,6 @@ def _one_pass_kernel(
         tl.store(MEAN + pid, mean)
         tl.store(RSTD + pid, rstd)
     scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd  # (BLOCK_C,) per channel
-    ch = g * CPG + c
     if HAS_W:
         scale = scale * tl.load(W + ch * stride_w, mask=c_ok, other=0.0).to(tl.float32)
     y = d * scale[:, None]
@@ -104,12 +116,15 @@ def _one_pass_kernel(
 @triton.jit
 def _channel_stats_kernel(
     X,  # input, (B, C, S) with strides (stride_b, stride_c, stride_s)
+    ADD,  # (B, C) in x's dtype, added to x before the statistics, read when HAS_ADD
     PART,  # float32 (B, SPLIT, 2, C): per channel, the mean and M2 of each range of positions
     C,  # channels
     S,  # positions per channel
     S_PER_SPLIT,  # positions per range, a multiple of BLOCK_S
     SPLIT,  # ranges per channel
     stride_b, stride_c, stride_s,  # element strides of x over (B, C, S)
+    stride_add_b, stride_add_c,  # element strides of add over (B, C)
+    HAS_ADD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile, powers of two
 ):
     b = tl.program_id(2)
@@ -127,6 +142,8 @@ def _channel_stats_kernel(
     ptrs = xb + c[:, None] * stride_c + s[None, :] * stride_s
     for i in range(0, n_full):
         x = tl.load(ptrs, mask=c_ok[:, None], other=0.0).to(tl.float32)
+        if HAS_ADD:  # channels past C read 0 + 0
+            x = _plus_channel_term(x, ADD, b, c, c_ok, stride_add_b, stride_add_c)
         delta = x - mean_t
         mean_t += delta * (1.0 / (i + 1))
         m2_t += delta * (x - mean_t)
@@ -142,6 +159,8 @@ def _channel_stats_kernel(
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_ok[:, None] & (s < s_hi)[None, :]
         x = tl.load(xb + c[:, None] * stride_c + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            x = tl.where(mask, _plus_channel_term(x, ADD, b, c, c_ok, stride_add_b, stride_add_c), 0.0)
         n_t = (s_hi - s0).to(tl.float32)
         t_mean = tl.sum(x, axis=1) / n_t
         d = tl.where(mask, x - t_mean[:, None], 0.0)
@@ -214,10 +233,12 @@ def _apply_kernel(
     Y,  # output, x's shape, dtype and strides
     STAT,  # float32 (B, C, 2) from _finalize_kernel: mean and rstd * weight per channel
     Bias,  # bias (C,), read when HAS_B
+    ADD,  # (B, C) in x's dtype, added to x before the norm, read when HAS_ADD
     C, S,  # channels, positions per channel
     stride_b, stride_c, stride_s,  # element strides of x and y over (B, C, S)
     stride_bias,  # element stride of bias
-    HAS_B: tl.constexpr, SILU: tl.constexpr,
+    stride_add_b, stride_add_c,  # element strides of add over (B, C)
+    HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile, powers of two
 ):
     # Tiles are visited last first: the stats pass read them last, so they may still be in L2.
@@ -235,6 +256,8 @@ def _apply_kernel(
     scale = tl.load(stat + 1, mask=c_ok, other=0.0)
     offs = b.to(tl.int64) * stride_b + (c[:, None] * stride_c + s[None, :] * stride_s)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:  # masked elements are not stored
+        x = _plus_channel_term(x, ADD, b, c, c_ok, stride_add_b, stride_add_c)
     y = (x - mean[:, None]) * scale[:, None]
     if HAS_B:
         y = y + tl.load(Bias + c * stride_bias, mask=c_ok, other=0.0).to(tl.float32)[:, None]
@@ -305,12 +328,14 @@ _APPLY = CachedKernel(_apply_kernel)
 
 def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
            eps: float, silu: bool, channels_last: bool, out: torch.Tensor | None = None,
-           force_plan: str | None = None, return_stats: bool = False):
+           force_plan: str | None = None, return_stats: bool = False, add: torch.Tensor | None = None):
     """y = group_norm(x) (+ SiLU) by the Triton kernels; x validated, non-empty and dense in the
     layout named; ``out`` (x's shape, dtype and strides) receives y if given. ``force_plan``
     ("one_pass" or "split"; for tests and benchmarks) overrides :func:`plan`. With
     ``return_stats`` the result is (y, mean, rstd), the last two float32 (B, G), written by the
-    same kernels (no extra pass) for :mod:`group_norm_backward_triton`."""
+    same kernels (no extra pass) for :mod:`group_norm_backward_triton`. ``add`` ((B, C), x's dtype, any
+    strides), if given, is added to x per (batch item, channel) first, the sum rounded to x's dtype:
+    y = group_norm(x + add[:, :, None, ...]) without that sum ever being written."""
     batch, channels = x.shape[0], x.shape[1]
     s = x.numel() // (batch * channels)
     cpg = channels // num_groups
@@ -320,6 +345,8 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
     bb = bias if bias is not None else x
     stride_w = w.stride(0) if weight is not None else 0
     stride_bias = bb.stride(0) if bias is not None else 0
+    aa = add if add is not None else x
+    stride_add = (add.stride(0), add.stride(1)) if add is not None else (0, 0)
     if return_stats:
         mean = torch.empty((batch, num_groups), dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
@@ -334,16 +361,17 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
         warps = min(16, max(1, full_c * full_s // ONE_PASS_ELEMS_PER_WARP))
         _ONE_PASS.launch(
             (batch * num_groups,),
-            (x, y, w, bb, mean, rstd, num_groups, cpg, s, *strides, stride_w, stride_bias, eps),
-            dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WRITE_STATS=return_stats,
-                 BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps))
+            (x, y, w, bb, aa, mean, rstd, num_groups, cpg, s, *strides, stride_w, stride_bias, *stride_add, eps),
+            dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, SILU=silu,
+                 WRITE_STATS=return_stats, BLOCK_C=full_c, BLOCK_S=full_s, num_warps=warps))
         return result
     # split: per-channel partial statistics, one merge per group, then the elementwise apply
     block_c, block_s, n_c, split, s_per_split = split_geometry(x, s, channels_last, TILE, PROGRAMS_PER_SM, MAX_SPLIT)
     part = scratch(x, "group_norm.part", batch * split * 2 * channels)  # (B, SPLIT, 2, C) float32
     stat = scratch(x, "group_norm.stat", batch * channels * 2)  # (B, C, 2) float32
     tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=TILE_WARPS)
-    _CHANNEL_STATS.launch((n_c, split, batch), (x, part, channels, s, s_per_split, split, *strides), tile)
+    _CHANNEL_STATS.launch((n_c, split, batch), (x, aa, part, channels, s, s_per_split, split, *strides, *stride_add),
+                          dict(HAS_ADD=add is not None, **tile))
     block_split = min(triton.next_power_of_2(split), max(1, FINALIZE_TILE // triton.next_power_of_2(cpg)))
     _FINALIZE.launch(
         (batch * num_groups,),
@@ -352,6 +380,6 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
              BLOCK_C=triton.next_power_of_2(cpg), num_warps=4))
     _APPLY.launch(
         (batch * n_c * _cdiv(s, block_s),),
-        (x, y, stat, bb, channels, s, *strides, stride_bias),
-        dict(HAS_B=bias is not None, SILU=silu, **tile))
+        (x, y, stat, bb, aa, channels, s, *strides, stride_bias, *stride_add),
+        dict(HAS_B=bias is not None, HAS_ADD=add is not None, SILU=silu, **tile))
     return result

@@ -316,3 +316,74 @@ def bad_inputs():
 def test_bad_input_raises_on_every_backend(fn, backend, case, kwargs, exc, match):
     with K.use_backend(backend), pytest.raises(exc, match=match):
         fn(**kwargs)
+
+
+# --- the per-(B, C) add term ------------------------------------------------------------------
+
+
+def _add_term(x, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(x.shape[:2], generator=g) * 3).to(x.dtype).to(x.device)  # (B, C), like a time embedding
+
+
+def _kernel_sum(x, a):
+    """x + a[:, :, None, None] rounded to x's dtype as the fused kernels round it: as torch does, except
+    that Triton's interpreter (CPU tensors) rounds float32 to bfloat16 by truncation (the GPU to nearest)."""
+    if x.dtype == torch.bfloat16 and not x.is_cuda and GN._interpreting():
+        exact = x.float() + a.float()[:, :, None, None]
+        return (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(x.dtype)
+    return x + a[:, :, None, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_is_the_norm_of_the_rounded_sum_reference(dtype):
+    x, w, b = make_inputs((2, 12, 5, 7), dtype, seed=3)
+    a = _add_term(x, 4)
+    summed = x + a[:, :, None, None]  # torch's add, rounded to x's dtype
+    got = K.group_norm_ref(x, 3, w, b, 1e-5, "silu", add=a)
+    expected = K.group_norm_ref(summed, 3, w, b, 1e-5, "silu")
+    assert torch.equal(got, expected), (got.double() - expected.double()).abs().max()
+    fused = K.group_norm(x, 3, w, b, 1e-5, "silu", add=a)  # the fused kernels under FUSEDIFF_KERNELS=fused
+    unfused = K.group_norm(summed if K.get_backend() != "fused" else _kernel_sum(x, a), 3, w, b, 1e-5, "silu")
+    assert torch.equal(fused, unfused), (fused.double() - unfused.double()).abs().max()
+
+
+def test_add_is_checked():
+    x, w, b = make_inputs((2, 12, 5, 7), torch.float32, seed=3)
+    with pytest.raises(ValueError, match=r"add must have shape \(2, 12\)"):
+        K.group_norm(x, 3, w, b, add=torch.zeros(2, 12, 1, 1))
+    with pytest.raises(TypeError, match="add must have x's dtype"):
+        K.group_norm(x, 3, w, b, add=torch.zeros(2, 12, dtype=torch.float16))
+    with pytest.raises(TypeError, match="add must be a torch.Tensor"):
+        K.group_norm(x, 3, w, b, add=1.0)
+
+
+def test_add_gradients_match_the_materialised_sum():
+    x, w, b = (t.requires_grad_() for t in make_inputs((2, 12, 5, 7), torch.float64, seed=3))
+    a = _add_term(x.detach(), 4).requires_grad_()
+    K.group_norm(x, 3, w, b, 1e-5, "silu", add=a).square().sum().backward()
+    grads = [t.grad.clone() for t in (x, w, b, a)]
+    for t in (x, w, b, a):
+        t.grad = None
+    K.group_norm(x + a[:, :, None, None], 3, w, b, 1e-5, "silu").square().sum().backward()
+    for name, got, t in zip("xwba", grads, (x, w, b, a)):
+        torch.testing.assert_close(got, t.grad, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, num_groups, plan", PLANS[:5], ids=[str(p) for p in PLANS[:5]])
+def test_triton_add_equals_the_kernels_on_the_sum(shape, num_groups, plan, dtype, layout):
+    """The kernels with add give, bit for bit, what they give on the materialised sum x + add (both plans)."""
+    x, w, b = (t.to(TRITON_DEVICE) for t in make_inputs(shape, dtype, seed=sum(shape)))
+    x = x.contiguous(memory_format=LAYOUTS[layout])
+    a = _add_term(x, 7)[:, :]  # (B, C)
+    a_strided = torch.empty(a.shape[1], a.shape[0], dtype=dtype, device=x.device).t().copy_(a)  # other strides
+    summed = _kernel_sum(x, a).contiguous(memory_format=LAYOUTS[layout])
+    cl = GN._channels_last(x)
+    expected = GN._kernels().launch(summed, num_groups, w, b, 1e-5, True, cl, force_plan=plan)
+    for add in (a, a_strided):
+        got = GN._kernels().launch(x, num_groups, w, b, 1e-5, True, cl, force_plan=plan, add=add)
+        diff = (got.double() - expected.double()).abs().max().item()
+        assert torch.equal(got, expected), f"{plan} {shape} {dtype} {layout} strides {add.stride()}: differs by {diff}"

@@ -123,8 +123,9 @@ def test_index_checks_become_assertions_in_the_graph():
 # --- the fused path ----------------------------------------------------------------------------------
 
 
-def _group_norm_launch(x, num_groups, weight, bias, eps, silu, channels_last, out=None, force_plan=None):
-    y = sys.modules["fusediff.kernels.group_norm"]._ref(x, num_groups, weight, bias, eps, "silu" if silu else None)
+def _group_norm_launch(x, num_groups, weight, bias, eps, silu, channels_last, out=None, force_plan=None, add=None):
+    y = sys.modules["fusediff.kernels.group_norm"]._ref(x, num_groups, weight, bias, eps, "silu" if silu else None,
+                                                        add)
     return (torch.empty_like(x) if out is None else out).copy_(y)
 
 

@@ -38,8 +38,10 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *) -> (B, C, *)
-        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:  # (B, C, *) -> (B, C, *)
+        """The norm of x, or with ``add`` (B, C) of x + add[:, :, None, ...] (one fused op; see group_norm)."""
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation,
+                                  add=add)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

@@ -181,9 +181,12 @@ class ResnetBlock2D(nn.Module):
             use_in_shortcut = in_channels != out_channels
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if use_in_shortcut else None
 
-    def _norm_act(self, norm: GroupNorm, h: torch.Tensor) -> torch.Tensor:
-        """norm followed by the block's activation, one fused op when it is SiLU."""
-        h = norm(h)
+    def _norm_act(self, norm: GroupNorm, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """norm (of h + add[:, :, None, None] when add is given) followed by the block's activation; one
+        fused op when the activation is SiLU."""
+        if add is not None and add.dtype != h.dtype:  # the sum promotes: add it as torch does
+            h, add = h + add[:, :, None, None], None
+        h = norm(h, add=add)
         return h if norm.activation is not None else self.nonlinearity(h)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
@@ -199,18 +202,16 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None and temb is not None:
             if not self.skip_time_act:
                 temb = self.nonlinearity(temb)
-            temb = self.time_emb_proj(temb)[:, :, None, None]  # (B, C_out or 2 C_out, 1, 1)
+            temb = self.time_emb_proj(temb)  # (B, C_out or 2 C_out)
         else:
             temb = None
 
         if self.time_embedding_norm == "default":
-            if temb is not None:
-                h = h + temb
-            h = self._norm_act(self.norm2, h)
+            h = self._norm_act(self.norm2, h, add=temb)  # norm2(h + temb[:, :, None, None]), the add fused
         else:
             if temb is None:
                 raise ValueError("ResnetBlock2D: time_embedding_norm='scale_shift' needs a time embedding")
-            scale, shift = torch.chunk(temb, 2, dim=1)  # (B, C_out, 1, 1) each
+            scale, shift = torch.chunk(temb[:, :, None, None], 2, dim=1)  # (B, C_out, 1, 1) each
             h = self.norm2(h) * (1 + scale) + shift
             h = self.nonlinearity(h)
 

@@ -111,8 +111,11 @@ def _resnet_unsupported(block: nn.Module) -> str | None:
     return None if why is None else why + " (the fused forward fuses SiLU into both GroupNorms)"
 
 
-def _norm_silu(norm: nn.GroupNorm, h: torch.Tensor) -> torch.Tensor:
-    return kernels.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu")
+def _norm_silu(norm: nn.GroupNorm, h: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(norm(h)), or of h + add[:, :, None, None] with add (B, C): one fused op."""
+    if add is not None and add.dtype != h.dtype:  # the sum promotes: add it as torch does
+        h, add = h + add[:, :, None, None], None
+    return kernels.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu", add=add)
 
 
 def resnet_forward(block: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args,
@@ -136,18 +139,17 @@ def resnet_forward(block: nn.Module, input_tensor: torch.Tensor, temb: torch.Ten
     if block.time_emb_proj is not None:
         if not block.skip_time_act:
             temb = F.silu(temb)
-        temb = block.time_emb_proj(temb)[:, :, None, None]  # (B, C_out or 2 C_out, 1, 1)
+        temb = block.time_emb_proj(temb)  # (B, C_out or 2 C_out)
     if block.time_embedding_norm == "scale_shift":  # the modulation comes between the norm and the SiLU
         if temb is None:
             raise ValueError("ResnetBlock2D: `temb` should not be None when time_embedding_norm is 'scale_shift'")
-        scale, shift = temb.chunk(2, dim=1)  # (B, C_out, 1, 1) each
+        scale, shift = temb[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
         norm = block.norm2
         h = kernels.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
         h = F.silu(torch.addcmul(shift, h, 1 + scale))  # h * (1 + scale) + shift
     else:  # "default" adds the embedding; diffusers' VAE decoder passes "group" (no embedding)
-        if temb is not None and block.time_embedding_norm == "default":
-            h = h + temb
-        h = _norm_silu(block.norm2, h)
+        add = temb if block.time_embedding_norm == "default" else None
+        h = _norm_silu(block.norm2, h, add)  # silu(norm2(h + temb[:, :, None, None])), the add fused
 
     if block.training:  # nn.Dropout is the identity in eval mode
         h = block.dropout(h)
