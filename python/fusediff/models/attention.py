@@ -22,6 +22,15 @@ Precision: :func:`fusediff.kernels.attention` always forms q k^T and the softmax
 which is what diffusers' ``upcast_attention`` asks for, so that flag needs no extra work here.
 No attention mask, no added key/value projections, no q/k norms.
 
+Self-attention on a CUDA device projects q, k and v with one matmul of h by the stacked weights
+[W_q; W_k; W_v] (one launch instead of three; q, k and v are strided views of its output, which the
+attention kernel reads in place). The stacked weight is built once and kept while the three weights are
+unchanged (no autograd: their data pointers and version counters are compared); with gradients it is
+stacked at every call, so gradients reach to_q, to_k and to_v as before. Each output element is the
+same dot product, but the matmul library may block a wider product differently, so on CUDA q, k and v
+can differ from three separate matmuls in the last bits; CPU tensors take the three matmuls, and the
+weights keep diffusers' names on disk.
+
 Older checkpoints (written for diffusers' since-removed ``AttentionBlock``) name the projections
 ``query``, ``key``, ``value`` and ``proj_attn``; :func:`convert_legacy_attention_keys` renames them.
 """
@@ -31,11 +40,15 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
 from .layout import memory_format_of
 from .normalization import GroupNorm
+
+
+FUSED_QKV_DEVICES = ("cuda",)  # device types where self-attention projects q, k and v with one matmul
 
 
 class Attention(nn.Module):
@@ -79,10 +92,32 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(self.cross_attention_dim, inner, bias=bias)
         self.to_v = nn.Linear(self.cross_attention_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, channels, bias=out_bias), nn.Dropout(dropout)])
+        self._qkv_cache: tuple | None = None  # (key, stacked weight, stacked bias, params): see _stacked_qkv
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape  # (B, S, heads * D)
         return x.view(batch, seq, self.heads, self.dim_head).transpose(1, 2)  # (B, heads, S, D)
+
+    def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[W_q; W_k; W_v] (3 * inner, C) and the stacked biases (or None): kept between calls while no
+        gradient is recorded and the three projections are unchanged, else stacked anew."""
+        layers = (self.to_q, self.to_k, self.to_v)
+        params = [m.weight for m in layers] + ([m.bias for m in layers] if self.to_q.bias is not None else [])
+        n = len(layers)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return torch.cat(params[:n]), (torch.cat(params[n:]) if len(params) > n else None)
+        # the parameters themselves are kept with the key, so their ids cannot be reused while it is held
+        key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            with torch.no_grad():
+                stacked = (torch.cat(params[:n]), torch.cat(params[n:]) if len(params) > n else None)
+            self._qkv_cache = (key, *stacked, params)
+        return self._qkv_cache[1], self._qkv_cache[2]
+
+    def _fuse_qkv(self, h: torch.Tensor) -> bool:
+        """Whether q, k, v of this self-attention call come from one matmul (see the module docstring)."""
+        return (h.device.type in FUSED_QKV_DEVICES and self.cross_attention_dim == self.channels
+                and (self.to_q.bias is None) == (self.to_k.bias is None) == (self.to_v.bias is None))
 
     def _check_context(self, context: torch.Tensor, batch: int) -> None:
         if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != batch \
@@ -112,9 +147,14 @@ class Attention(nn.Module):
         else:
             self._check_context(encoder_hidden_states, batch)
             context = encoder_hidden_states  # (B, L, C_ctx)
-        q = self._split_heads(self.to_q(h))  # (B, heads, S, D)
-        k = self._split_heads(self.to_k(context))  # (B, heads, L, D)
-        v = self._split_heads(self.to_v(context))
+        if context is h and self._fuse_qkv(h):
+            weight, bias = self._stacked_qkv()
+            qkv = F.linear(h, weight, bias).view(batch, seq, 3, self.heads, self.dim_head)  # (B, S, 3, heads, D)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, heads, S, D) strided views
+        else:
+            q = self._split_heads(self.to_q(h))  # (B, heads, S, D)
+            k = self._split_heads(self.to_k(context))  # (B, heads, L, D)
+            v = self._split_heads(self.to_v(context))
         o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
         o = o.transpose(1, 2).reshape(batch, seq, self.heads * self.dim_head)  # (B, S, heads * D), a view
         out = self.to_out[1](self.to_out[0](o))  # (B, S, C)
