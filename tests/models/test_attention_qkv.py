@@ -83,3 +83,21 @@ def test_cross_attention_keeps_separate_projections(monkeypatch):
     with torch.no_grad():
         attn(torch.randn(2, 7, 32), torch.randn(2, 5, 16))
     assert attn._qkv_cache is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_default_stacks_and_matches_three(monkeypatch, dtype):
+    """On CUDA the stacked path is the default; against three matmuls it differs at most in rounding."""
+    torch.manual_seed(0)
+    attn = Attention(320, heads=8, dim_head=40, bias=False).eval().to("cuda", dtype)
+    x = torch.randn(2, 320, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused = attn(x)
+        assert attn._qkv_cache is not None
+        monkeypatch.setattr(A, "FUSED_QKV_DEVICES", ())
+        unfused = attn(x)
+    diff = (fused.float() - unfused.float()).abs().max().item()
+    print(f"{dtype}: max |stacked - three| = {diff:.3e}")
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(fused, unfused, rtol=tol, atol=tol)
