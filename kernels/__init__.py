@@ -11,6 +11,7 @@ from ._ext import has_cuda_kernels
 from .attention import attention, attention_ref
 from .geglu import geglu, geglu_ref
 from .group_norm import group_norm, group_norm_ref
+from .layer_norm import layer_norm, layer_norm_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 from .scheduler_step_coeffs import RULES, StepCoeffs, step_coeffs
 from .timestep_embedding import timestep_embedding, timestep_embedding_ref
@@ -29,6 +30,8 @@ __all__ = [
     "group_norm",
     "group_norm_ref",
     "has_cuda_kernels",
+    "layer_norm",
+    "layer_norm_ref",
     "scheduler_step",
     "scheduler_step_coeffs",
     "scheduler_step_ref",

@@ -13,7 +13,11 @@ the UNet's intermediate maps attend to a domain-specific encoding of the conditi
 built from pre-norm Transformer blocks (Vaswani et al. 2017, arXiv:1706.03762). ``proj_in`` and
 ``proj_out`` are 1x1 convs (SD 1.x, LDM) or Linear layers (``use_linear_projection``, SD 2.x).
 Both attentions run :func:`fusediff.kernels.attention` and the GroupNorm
-:func:`fusediff.kernels.group_norm`; the LayerNorms and the feed-forward are plain torch.
+:func:`fusediff.kernels.group_norm`. The LayerNorms run :func:`fusediff.kernels.layer_norm`, the
+second and third in its residual form: one op adds the attention's output to h and normalises the
+sum (h_new, LayerNorm(h_new)), as the block's torch ops do, reading the sum once; on the reference
+path (CPU) that is torch's add and layer_norm, the same bits as diffusers' block. The feed-forward's
+GEGLU is :func:`fusediff.kernels.geglu`.
 
 The constructor takes diffusers 0.42.1's ``Transformer2DModel`` arguments with the same defaults
 and the module tree has its parameter names. Only continuous input with ``norm_type="layer_norm"``
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import kernels
 from ..configuration import register_to_config
 from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
@@ -45,6 +50,11 @@ def refuse_unsupported(owner: str, **inputs: Any) -> None:
         if value is not None and not (isinstance(value, dict) and not value):
             what = f"keys {sorted(value)}" if isinstance(value, dict) else f"a {type(value).__name__}"
             raise NotImplementedError(f"{owner}: {name} is not supported by fusediff (got {what}); pass None")
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """``norm(x)``, or with ``residual`` (norm(x + residual), x + residual), by fusediff.kernels.layer_norm."""
+    return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)
 
 
 @dataclasses.dataclass
@@ -99,10 +109,13 @@ class BasicTransformerBlock(nn.Module):
                 encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         # (B, S, dim), context (B, L, cross_attention_dim) -> (B, S, dim)
         context = encoder_hidden_states if self.only_cross_attention else None
-        hidden_states = self.attn1(self.norm1(hidden_states), context) + hidden_states
+        h = hidden_states
+        out = self.attn1(_layer_norm(self.norm1, h), context)
         if self.attn2 is not None:
-            hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states) + hidden_states
-        return self.ff(self.norm3(hidden_states)) + hidden_states
+            normed, h = _layer_norm(self.norm2, out, residual=h)  # h = out + h; normed = norm2(h)
+            out = self.attn2(normed, encoder_hidden_states)
+        normed, h = _layer_norm(self.norm3, out, residual=h)
+        return self.ff(normed) + h
 
 
 class Transformer2DModel(ModelMixin):
