@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from fusediff import kernels as K  # noqa: E402
-from fusediff.kernels import geglu_ref, scheduler_step_ref, step_coeffs, timestep_embedding_ref  # noqa: E402
+from fusediff.kernels import scheduler_step_ref, step_coeffs, timestep_embedding_ref  # noqa: E402
 from fusediff.kernels import timestep_mlp_ref  # noqa: E402
 
 _launch = importlib.import_module("fusediff.kernels._launch")
@@ -91,6 +91,12 @@ def _without_direct(fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
+def _geglu_torch(x: torch.Tensor) -> torch.Tensor:
+    """GEGLU as diffusers writes it: h * gelu(gate) in x's dtype."""
+    h, gate = x.chunk(2, dim=-1)
+    return h * F.gelu(gate)
+
+
 def _train(fwd: Callable[[], torch.Tensor]) -> Callable[[], None]:
     def call():
         y = fwd()
@@ -131,7 +137,7 @@ def cases(dtype: torch.dtype) -> list[tuple[str, str, dict[str, Callable[[], obj
     }))
     h = rnd(2, 256, 2 * 1280)
     out.append(("geglu", "2x256x2560", {
-        "torch": lambda: geglu_ref(h),
+        "torch": lambda: _geglu_torch(h),
         "fusediff": lambda: K.geglu(h),
     }))
     xs, m = rnd(2, 4, 64, 64), rnd(2, 4, 64, 64)
@@ -146,6 +152,12 @@ def cases(dtype: torch.dtype) -> list[tuple[str, str, dict[str, Callable[[], obj
         "fusediff": _train(lambda: K.group_norm(xg, 32, wg, bg, activation="silu")),
     }))
     qg, kg, vg = rnd(2, 8, 256, 40, grad=True), rnd(2, 8, 77, 40, grad=True), rnd(2, 8, 77, 40, grad=True)
+    xl, rl = rnd(2, 256, 320), rnd(2, 256, 320)
+    wl, bl = rnd(320), rnd(320)
+    out.append(("add_layer_norm", "2x256x320", {
+        "torch": lambda: (F.layer_norm(xl + rl, (320,), wl, bl), None),
+        "fusediff": lambda: K.layer_norm(xl, wl, bl, residual=rl),
+    }))
     out.append(("attention fwd+bwd", "2x8x256x77x40", {
         "torch": _train(lambda: F.scaled_dot_product_attention(qg, kg, vg)),
         "fusediff": _train(lambda: K.attention(qg, kg, vg)),
