@@ -66,9 +66,23 @@ def _hooks_installed() -> bool:
     return False
 
 
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` on the host without its cost: in Triton 3.6 it is a constexpr_function,
+    whose call unwraps its arguments as constexprs (microseconds per host call)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` on the host, as plain integer arithmetic."""
+    return -(-a // b)
+
+
 def _device(args: Sequence) -> int:
     """The CUDA device index of the first tensor of ``args``; -1 for a CPU tensor."""
-    return next(a for a in args if isinstance(a, torch.Tensor)).get_device()
+    first = args[0]
+    if not isinstance(first, torch.Tensor):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+    return first.get_device()
 
 
 def _current_device() -> int:
@@ -109,8 +123,39 @@ class CachedKernel:
         self._autotuned = hasattr(kernel, "configs")  # a triton.autotune object
         self._jit = kernel.fn if self._autotuned else kernel  # the JITFunction (under the autotuner)
         self._variants: dict[tuple, _Variant | None] = {}
+        # the call sites' argument pattern, learned at the first call: how many leading arguments are
+        # tensors, and the Python types of the rest (-1: another pattern was seen; the general key then)
+        self._n_tensors: int | None = None
+        self._scalar_types: tuple | None = None
+
+    def _learn(self, args: Sequence) -> int:
+        n = 0
+        while n < len(args) and isinstance(args[n], torch.Tensor):
+            n += 1
+        types = tuple(type(a) for a in args[n:])
+        if self._n_tensors is None:
+            self._n_tensors, self._scalar_types = n, types
+        if (n, types) != (self._n_tensors, self._scalar_types) or torch.Tensor in types:
+            self._n_tensors = -1
+        return self._n_tensors
 
     def _key(self, device: int, args: Sequence, meta: dict) -> tuple[tuple, list]:
+        """(variant key, the arguments as the launcher takes them: tensors as data pointers).
+
+        The common pattern (tensors first, then ints, floats, bools, None, each position always of one
+        type; checked at every miss) keys on the tensors' dtypes and alignment and the other arguments'
+        values, with two list comprehensions; any other pattern takes the general per-argument loop,
+        which keys floats on their type alone."""
+        n = self._n_tensors
+        if n is not None and n >= 0:
+            try:
+                ptrs = [t.data_ptr() for t in args[:n]]
+                dtypes = [t.dtype for t in args[:n]]
+            except AttributeError:  # not a tensor where the pattern has one: the general key (a miss)
+                pass
+            else:
+                scalars = args[n:]
+                return (device, *dtypes, *[p & 15 == 0 for p in ptrs], *scalars, *meta.items()), [*ptrs, *scalars]
         key: list[Any] = [device]
         values: list[Any] = []
         for a in args:
@@ -139,6 +184,10 @@ class CachedKernel:
         if variant is False or variant is None or _hooks_installed():
             compiled = self.kernel[grid](*args, **meta)
             if variant is False:
+                before = self._n_tensors
+                if self._learn(args) != before:  # the first call, or a new argument pattern: key anew
+                    self._variants.clear()
+                    key, _ = self._key(device, args, meta)
                 self._remember(key, compiled, len(args), grid, meta)
             return
         g = variant.grid or grid

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._backend import _interpreting
-from ._launch import CachedKernel
+from ._launch import CachedKernel, cdiv, next_power_of_2
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
@@ -225,7 +225,7 @@ def _attention_fwd_kernel(
 
 def block_d(head_dim: int) -> int:
     """BLOCK_D for head size D: the next power of two, at least 16 (tl.dot's smallest K)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def stride_align(element_size: int, *tensors: torch.Tensor) -> int:
@@ -329,5 +329,5 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
                  WARP_SPECIALIZE=config.get("WARP_SPECIALIZE", False), num_warps=config.get("num_warps", 4),
                  num_stages=config.get("num_stages", 2)))
     else:
-        _TUNED.launch(lambda m: (triton.cdiv(sq, m["BLOCK_M"]) * batch * heads,), args, meta)
+        _TUNED.launch(lambda m: (cdiv(sq, m["BLOCK_M"]) * batch * heads,), args, meta)
     return out

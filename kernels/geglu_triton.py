@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._launch import CachedKernel
+from ._launch import CachedKernel, cdiv, next_power_of_2
 from .timestep_embedding_triton import math_options
 
 MAX_TILE = 4096  # elements of y one program writes (h, gate, y: three fp32 tiles live)
@@ -111,8 +111,8 @@ def _geglu_kernel(
 def config(m: int, f: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for M rows of F output columns: whole rows up to MAX_BLOCK_N
     columns, then as many rows as make a MAX_TILE tile, 4 warps for a full tile."""
-    block_n = min(triton.next_power_of_2(max(f, 1)), MAX_BLOCK_N)
-    block_m = min(triton.next_power_of_2(max(m, 1)), max(1, MAX_TILE // block_n))
+    block_n = min(next_power_of_2(max(f, 1)), MAX_BLOCK_N)
+    block_m = min(next_power_of_2(max(m, 1)), max(1, MAX_TILE // block_n))
     tile = block_m * block_n
     warps = 4 if tile >= 2048 else (2 if tile >= 512 else 1)
     return block_m, block_n, warps
@@ -141,8 +141,8 @@ def launch(x: torch.Tensor, approximate: str, out: torch.Tensor | None = None,
     y = out.view(m, f)  # (M, F)
     bm, bn, warps = config(m, f)
     bm, bn, warps = block_m or bm, block_n or bn, num_warps or warps
-    blocks_n = triton.cdiv(f, bn)
-    grid = (triton.cdiv(m, bm) * blocks_n,)
+    blocks_n = cdiv(f, bn)
+    grid = (cdiv(m, bm) * blocks_n,)
     _GEGLU.launch(
         grid,
         (rows, y, m, f, rows.stride(0), y.stride(0), blocks_n),

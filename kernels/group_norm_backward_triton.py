@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import CachedKernel, scratch
+from ._launch import CachedKernel, next_power_of_2, scratch
 from .group_norm_triton import _cdiv, padded_group_size, split_geometry
 
 TILE = 4096  # elements per tile of the split plan (x and dy each)
@@ -305,7 +305,7 @@ def launch_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd:
     if which == "one_pass":
         if not fits_one_pass(x, num_groups):
             raise ValueError(f"group_norm backward: a group of {cpg} x {s} does not fit the one-pass plan")
-        full_c, full_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
+        full_c, full_s = next_power_of_2(cpg), next_power_of_2(s)
         warps = min(16, max(1, full_c * full_s // ONE_PASS_ELEMS_PER_WARP))
         _ONE_PASS.launch(
             (batch * num_groups,),
@@ -322,8 +322,8 @@ def launch_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd:
             (x, dy, mean, rstd, w, bb, part, num_groups, cpg, channels, s, s_per_split, split, *strides, stride_w,
              stride_bias),
             dict(**flags, **tile))
-        full_c = triton.next_power_of_2(cpg)
-        block_split = min(triton.next_power_of_2(split), max(1, MERGE_TILE // full_c))
+        full_c = next_power_of_2(cpg)
+        block_split = min(next_power_of_2(split), max(1, MERGE_TILE // full_c))
         _GROUP_SUMS.launch(
             (batch * num_groups,),
             (part, csum, coef, w, num_groups, cpg, channels, s, split, stride_w),
@@ -334,6 +334,6 @@ def launch_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd:
             dict(**flags, **tile))
     dw = torch.empty(channels, dtype=torch.float32, device=x.device)
     db = torch.empty_like(dw)
-    block = min(PARAM_BLOCK, triton.next_power_of_2(channels))
+    block = min(PARAM_BLOCK, next_power_of_2(channels))
     _PARAM_GRAD.launch((_cdiv(channels, block),), (csum, dw, db, batch, channels), dict(BLOCK=block, num_warps=4))
     return dx, dw, db

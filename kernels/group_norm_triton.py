@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import CachedKernel, scratch
+from ._launch import CachedKernel, next_power_of_2, scratch
 
 ONE_PASS_MAX = 16384  # padded elements of a group that one program holds in registers
 ONE_PASS_ELEMS_PER_WARP = 1024  # the one-pass program has one warp per this many elements (at most 16)
@@ -279,7 +279,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _tile(cpg: int, s: int, channels_last: bool, limit: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_S) of at most ``limit`` elements, long along the dimension memory runs along."""
-    bc, bs = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
+    bc, bs = next_power_of_2(cpg), next_power_of_2(s)
     if channels_last:
         bc = min(bc, limit, MAX_TILE_C)
         return bc, min(bs, max(1, limit // bc))
@@ -306,7 +306,7 @@ def padded_group_size(x: torch.Tensor, num_groups: int) -> int:
     """Elements of one (b, g) group padded to power-of-two tiles: next_pow2(C/G) * next_pow2(spatial)."""
     batch, channels = x.shape[0], x.shape[1]
     s = x.numel() // (batch * channels)
-    return triton.next_power_of_2(channels // num_groups) * triton.next_power_of_2(s)
+    return next_power_of_2(channels // num_groups) * next_power_of_2(s)
 
 
 def fits_one_pass(x: torch.Tensor, num_groups: int) -> bool:
@@ -355,7 +355,7 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
     result = (y, mean, rstd) if return_stats else y
     which = force_plan or plan(x, num_groups)
     if which == "one_pass":
-        full_c, full_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
+        full_c, full_s = next_power_of_2(cpg), next_power_of_2(s)
         if not fits_one_pass(x, num_groups):
             raise ValueError(f"group_norm: a group of {cpg} x {s} does not fit the one-pass plan")
         warps = min(16, max(1, full_c * full_s // ONE_PASS_ELEMS_PER_WARP))
@@ -372,12 +372,12 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
     tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=TILE_WARPS)
     _CHANNEL_STATS.launch((n_c, split, batch), (x, aa, part, channels, s, s_per_split, split, *strides, *stride_add),
                           dict(HAS_ADD=add is not None, **tile))
-    block_split = min(triton.next_power_of_2(split), max(1, FINALIZE_TILE // triton.next_power_of_2(cpg)))
+    block_split = min(next_power_of_2(split), max(1, FINALIZE_TILE // next_power_of_2(cpg)))
     _FINALIZE.launch(
         (batch * num_groups,),
         (part, stat, w, mean, rstd, num_groups, cpg, channels, s, s_per_split, split, stride_w, eps),
         dict(HAS_W=weight is not None, WRITE_STATS=return_stats, BLOCK_SPLIT=block_split,
-             BLOCK_C=triton.next_power_of_2(cpg), num_warps=4))
+             BLOCK_C=next_power_of_2(cpg), num_warps=4))
     _APPLY.launch(
         (batch * n_c * _cdiv(s, block_s),),
         (x, y, stat, bb, aa, channels, s, *strides, stride_bias, *stride_add),

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import CachedKernel
+from ._launch import CachedKernel, cdiv, next_power_of_2
 
 ROW_TILE = 8192  # elements of x one program holds (s, the centred values and y: fp32 tiles)
 
@@ -79,11 +79,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     s = torch.empty_like(y) if residual is not None else y  # a placeholder pointer without a residual
     w = weight if weight is not None else rows
     b = bias if bias is not None else rows
-    block_n = triton.next_power_of_2(n)
-    block_m = max(1, min(ROW_TILE // block_n, triton.next_power_of_2(m), 16))
+    block_n = next_power_of_2(n)
+    block_m = max(1, min(ROW_TILE // block_n, next_power_of_2(m), 16))
     warps = 8 if block_m * block_n >= 4096 else (4 if block_m * block_n >= 1024 else 2)
     _LAYER_NORM.launch(
-        (triton.cdiv(m, block_m),),
+        (cdiv(m, block_m),),
         (rows, res, s, y, w, b, m, n, rows.stride(0), res.stride(0), s.stride(0), y.stride(0),
          w.stride(0) if weight is not None else 0, b.stride(0) if bias is not None else 0, eps),
         dict(HAS_R=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m,

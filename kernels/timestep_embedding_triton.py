@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._launch import CachedKernel
+from ._launch import CachedKernel, cdiv, next_power_of_2
 
 MAX_TILE = 4096  # timesteps x frequencies one program holds (angles, sin and cos: 3 fp32 each)
 MAX_BLOCK_J = 256  # frequencies per program
@@ -155,9 +155,9 @@ def launch(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, downscale_f
     half, neg_log, inv_den, scale32 = constants(dim, float(downscale_freq_shift), float(max_period), float(scale))
     if out is None:
         out = torch.empty((n, dim), dtype=torch.float32, device=timesteps.device)
-    block_j = min(triton.next_power_of_2(max(half, 1)), MAX_BLOCK_J)
-    block_m = min(triton.next_power_of_2(n), max(1, MAX_TILE // block_j))
-    grid = (triton.cdiv(n, block_m), max(1, triton.cdiv(half, block_j)))
+    block_j = min(next_power_of_2(max(half, 1)), MAX_BLOCK_J)
+    block_m = min(next_power_of_2(n), max(1, MAX_TILE // block_j))
+    grid = (cdiv(n, block_m), max(1, cdiv(half, block_j)))
     warps = 4 if block_m * block_j >= 2048 else (2 if block_m * block_j >= 512 else 1)
     _EMBEDDING.launch(
         grid,

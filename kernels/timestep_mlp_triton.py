@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import CachedKernel
+from ._launch import CachedKernel, cdiv, next_power_of_2
 from .timestep_embedding_triton import constants, load_timesteps, math_options, sin_cos
 
 TILE = 8192  # elements of the largest tile a program holds: a tl.dot operand, or a broadcast product
@@ -166,7 +166,7 @@ def _mlp_kernel(
 
 
 def _p2(x: int) -> int:
-    return triton.next_power_of_2(max(int(x), 1))
+    return next_power_of_2(max(int(x), 1))
 
 
 def choose_plan(n: int, dim: int, w1: torch.Tensor) -> str:
@@ -238,13 +238,13 @@ def launch(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, downscale_f
     h = w1  # plan "one": H is not read
     if hidden_blocks is not None:  # plan "two", launch 1: h = silu(emb @ W1^T + b1)
         h = torch.empty((n, hidden), dtype=w1.dtype, device=timesteps.device)
-        grid = (triton.cdiv(n, hidden_blocks["BLOCK_M"]), triton.cdiv(hidden, hidden_blocks["BLOCK_H"]))
+        grid = (cdiv(n, hidden_blocks["BLOCK_M"]), cdiv(hidden, hidden_blocks["BLOCK_H"]))
         _HIDDEN.launch(
             grid,
             (timesteps, w1, bias1, h, n, half, hidden, *offsets, timesteps.stride(0), *w1.stride(), stride_b1,
              h.stride(0), *consts),
             dict(HAS_B1=b1 is not None, **hidden_blocks, **common))
-    grid = (triton.cdiv(n, mlp_blocks["BLOCK_M"]), triton.cdiv(out_features, mlp_blocks["BLOCK_O"]))
+    grid = (cdiv(n, mlp_blocks["BLOCK_M"]), cdiv(out_features, mlp_blocks["BLOCK_O"]))
     _MLP.launch(
         grid,
         (timesteps, h, w1, bias1, w2, bias2, out, n, half, hidden, out_features, *offsets, timesteps.stride(0),

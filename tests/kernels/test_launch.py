@@ -110,19 +110,38 @@ def test_everything_triton_specializes_on_makes_a_new_variant(direct):
     x, y = base[:8], torch.zeros(8)
     calls = [
         ((x, y, 8, 1e-5), dict(BLOCK=16)),
-        ((x, y, 8, 2e-5), dict(BLOCK=16)),  # another float value: the same variant
+        ((x, torch.zeros(8), 8, 1e-5), dict(BLOCK=16)),  # other tensors, same dtypes and alignment: same variant
         ((base[1:9], y, 8, 1e-5), dict(BLOCK=16)),  # x no longer 16-byte aligned
         ((x.half(), y, 8, 1e-5), dict(BLOCK=16)),  # another dtype
         ((x, y, 16, 1e-5), dict(BLOCK=16)),  # another int value
+        ((x, y, 8, 2e-5), dict(BLOCK=16)),  # another float value (keyed on values in the common pattern)
         ((x, y, 8, 1e-5), dict(BLOCK=32)),  # another constexpr
         ((x, y, 8, 1e-5), dict(BLOCK=16, num_warps=8)),  # another compile option
-        ((x, None, 8, 1e-5), dict(BLOCK=16)),  # a None where a tensor was
+        ((x, y, 8, 1e-5), dict(BLOCK=16)),  # the first variant again
     ]
     for args, meta in calls:
         k.launch((1,), args, meta)
     print(_kinds(jit.log))
-    assert _kinds(jit.log) == ["triton", "direct"] + ["triton"] * 6
+    assert _kinds(jit.log) == ["triton", "direct"] + ["triton"] * 6 + ["direct"]
     assert k.variants() == 7
+
+
+def test_another_argument_pattern_takes_the_general_key(direct):
+    """A None where the pattern had a tensor, then a tensor among the scalars: the kernel switches to the
+    general per-argument key, and its direct launches still pass every tensor as its data pointer."""
+    jit = FakeJIT()
+    k = L.CachedKernel(jit)
+    x, y = torch.zeros(8), torch.zeros(8)
+    k.launch((1,), (x, y, 8, 1e-5), dict(BLOCK=16))
+    k.launch((1,), (x, None, 8, 1e-5), dict(BLOCK=16))  # a new pattern: the general key from now on
+    assert k._n_tensors == -1
+    for eps in (1e-5, 3e-5):  # the general key: a float's type, not its value
+        k.launch((1,), (x, None, 8, eps), dict(BLOCK=16))
+    k.launch((1,), (x, y, 8, 1e-5), dict(BLOCK=16))
+    k.launch((1,), (x, y, 8, 1e-5), dict(BLOCK=16))
+    print(_kinds(jit.log))
+    assert _kinds(jit.log) == ["triton", "triton", "direct", "direct", "triton", "direct"]
+    assert jit.log[-1][1][9:11] == (x.data_ptr(), y.data_ptr())
 
 
 def test_autotuned_variant_keeps_config_and_grid(direct):
