@@ -75,7 +75,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     rows = x.reshape(-1, n)  # (M, N): a view when the leading dims collapse, else one copy
     m = rows.shape[0]
     res = residual.reshape(-1, n) if residual is not None else rows
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: rows N apart
     s = torch.empty_like(y) if residual is not None else y  # a placeholder pointer without a residual
     w = weight if weight is not None else rows
     b = bias if bias is not None else rows
@@ -84,9 +84,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     warps = 8 if block_m * block_n >= 4096 else (4 if block_m * block_n >= 1024 else 2)
     _LAYER_NORM.launch(
         (cdiv(m, block_m),),
-        (rows, res, s, y, w, b, m, n, rows.stride(0), res.stride(0), s.stride(0), y.stride(0),
+        (rows, res, s, y, w, b, m, n, rows.stride(0), res.stride(0), n, n,
          w.stride(0) if weight is not None else 0, b.stride(0) if bias is not None else 0, eps),
         dict(HAS_R=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m,
              BLOCK_N=block_n, num_warps=warps))
-    y = y.view(x.shape)
-    return y if residual is None else (y, s.view(x.shape))
+    return y if residual is None else (y, s)
