@@ -9,8 +9,8 @@ a dict of all arguments and a key of dtype strings. That is tens of microseconds
 :class:`CachedKernel` does that work once per *variant* and then calls the compiled kernel's launcher
 directly. A variant is keyed on everything Triton specializes on or that fixes the launch: the
 current device, each tensor's dtype and whether its data pointer is 16-byte aligned, each other
-argument's full value (ints) or type (floats, None), and the meta-parameters and compile options by
-name. Nothing Triton could compile differently is left out of the key, so a hit launches the very
+argument's value (the usual pattern: tensors first, every position of one Python type; a float's type
+alone otherwise), and the meta-parameters and compile options by name. Nothing Triton could compile differently is left out of the key, so a hit launches the very
 kernel Triton would have launched, with the same arguments (tensors passed as their data pointers).
 For an autotuned kernel the first call of a variant runs the autotuner; the variant then holds the
 chosen config's compiled kernel and grid.
@@ -230,9 +230,6 @@ class CachedKernel:
     def variants(self) -> int:
         """How many variants are cached (for tests and benchmarks)."""
         return sum(v is not None for v in self._variants.values())
-
-    def clear(self) -> None:
-        self._variants.clear()
 
 
 _SCRATCH: dict[tuple[int, int, str], torch.Tensor] = {}

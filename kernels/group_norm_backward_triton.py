@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import CachedKernel, next_power_of_2, scratch
-from .group_norm_triton import _cdiv, padded_group_size, split_geometry
+from ._launch import CachedKernel, cdiv, next_power_of_2, scratch
+from .group_norm_triton import padded_group_size, split_geometry
 
 TILE = 4096  # elements per tile of the split plan (x and dy each)
 TILE_WARPS = 4  # warps per program of the split plan's sums and dx kernels
@@ -329,11 +329,11 @@ def launch_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd:
             (part, csum, coef, w, num_groups, cpg, channels, s, split, stride_w),
             dict(HAS_W=weight is not None, BLOCK_SPLIT=block_split, BLOCK_C=full_c, num_warps=4))
         _INPUT_GRAD.launch(
-            (batch * n_c * _cdiv(s, block_s),),
+            (batch * n_c * cdiv(s, block_s),),
             (x, dy, dx, mean, rstd, coef, w, bb, num_groups, cpg, channels, s, *strides, stride_w, stride_bias),
             dict(**flags, **tile))
     dw = torch.empty(channels, dtype=torch.float32, device=x.device)
     db = torch.empty_like(dw)
     block = min(PARAM_BLOCK, next_power_of_2(channels))
-    _PARAM_GRAD.launch((_cdiv(channels, block),), (csum, dw, db, batch, channels), dict(BLOCK=block, num_warps=4))
+    _PARAM_GRAD.launch((cdiv(channels, block),), (csum, dw, db, batch, channels), dict(BLOCK=block, num_warps=4))
     return dx, dw, db

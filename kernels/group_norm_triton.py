@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import CachedKernel, next_power_of_2, scratch
+from ._launch import CachedKernel, cdiv, next_power_of_2, scratch
 
 ONE_PASS_MAX = 16384  # padded elements of a group that one program holds in registers
 ONE_PASS_ELEMS_PER_WARP = 1024  # the one-pass program has one warp per this many elements (at most 16)
@@ -266,10 +266,6 @@ def _apply_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=None)  # read once per device, not at every launch
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -295,11 +291,11 @@ def split_geometry(x: torch.Tensor, s: int, channels_last: bool, tile: int, prog
     Returns (block_c, block_s, n_c, split, s_per_split); the backward's split plan uses it too."""
     batch, channels = x.shape[0], x.shape[1]
     block_c, block_s = _tile(channels, s, channels_last, tile)
-    n_c = _cdiv(channels, block_c)
-    want = _cdiv(programs_per_sm * _sm_count(x.device), batch * n_c)
-    split = max(1, min(want, _cdiv(s, block_s), max_split))
-    s_per_split = _cdiv(_cdiv(s, split), block_s) * block_s  # whole tiles per range
-    return block_c, block_s, n_c, _cdiv(s, s_per_split), s_per_split
+    n_c = cdiv(channels, block_c)
+    want = cdiv(programs_per_sm * _sm_count(x.device), batch * n_c)
+    split = max(1, min(want, cdiv(s, block_s), max_split))
+    s_per_split = cdiv(cdiv(s, split), block_s) * block_s  # whole tiles per range
+    return block_c, block_s, n_c, cdiv(s, s_per_split), s_per_split
 
 
 def padded_group_size(x: torch.Tensor, num_groups: int) -> int:
@@ -379,7 +375,7 @@ def launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: 
         dict(HAS_W=weight is not None, WRITE_STATS=return_stats, BLOCK_SPLIT=block_split,
              BLOCK_C=next_power_of_2(cpg), num_warps=4))
     _APPLY.launch(
-        (batch * n_c * _cdiv(s, block_s),),
+        (batch * n_c * cdiv(s, block_s),),
         (x, y, stat, bb, aa, channels, s, *strides, stride_bias, *stride_add),
         dict(HAS_B=bias is not None, HAS_ADD=add is not None, SILU=silu, **tile))
     return result
