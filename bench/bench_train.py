@@ -19,6 +19,11 @@ Rows (``--rows``):
   fusediff-graph         fusediff-eager with the whole step (forward, backward, AdamW) replayed from one CUDA
                          graph (``fusediff.training.CUDAGraphTrainStep``; optimizer ``capturable=True``)
   diffusers-graph        diffusers' NCHW model through the same CUDA-graph step (the same technique, their model)
+  fusediff-trainer       ``fusediff.training.Trainer.train_step`` (what ``fusediff train`` runs) on the same
+                         channels-last model: more work than the rows above (data indexing on the GPU, per-step
+                         learning rate, gradient clipping, the EMA update; the foreach AdamW), bf16 autocast
+  fusediff-trainer-graph the same with ``TrainConfig(cuda_graph=True)`` (``fusediff train --cuda-graph``): the
+                         optimizer step replayed from a CUDA graph, the EMA update eager after it
 
 Method: ``ms`` is the median host wall clock of a step ending in a device synchronisation
 (``--steps`` timed steps after ``--warmup``), so host overhead counts, as in training; ``gpu_ms`` is
@@ -47,7 +52,8 @@ from fusediff.benchmarks.models import DDPM_CIFAR10_UNET, flops  # noqa: E402
 from fusediff.utils.cli_types import positive_int  # noqa: E402
 
 ROWS = ("diffusers-eager", "diffusers-eager-cl", "diffusers-compile", "diffusers-graph", "fusediff-eager",
-        "fusediff-eager-nchw", "fusediff-ref", "fusediff-compile", "fusediff-graph")
+        "fusediff-eager-nchw", "fusediff-ref", "fusediff-compile", "fusediff-graph", "fusediff-trainer",
+        "fusediff-trainer-graph")
 NUM_TRAIN_TIMESTEPS = 1000
 TARGET_SPEEDUP = 1.5  # the training target: fusediff at least 1.5x diffusers eager
 
@@ -116,14 +122,39 @@ def make_step(model, args, data, graph: bool):
     return step, loss_fn
 
 
+def make_trainer_step(model, args, data, graph: bool, out_dir: Path):
+    """``Trainer.train_step`` over a dataset of 8 batches of ``data``'s images; (step, loss_fn)."""
+    from fusediff import DDPMScheduler
+    from fusediff.training import Predictor, Sampler, Schedule, UNetAdapter
+    from fusediff.training.trainer import Trainer, TrainConfig
+
+    schedule = Schedule.from_scheduler(DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS))
+    sampler = Sampler(UNetAdapter(model), Predictor("epsilon"), schedule)
+    images = data[0].repeat(8, 1, 1, 1)
+    cfg = TrainConfig(steps=10**6, batch_size=args.batch, lr=1e-4, warmup=0, mixed_precision="bf16",
+                      channels_last=True, cuda_graph=graph, log_every=10**6)
+    trainer = Trainer(sampler, {"sample": images}, cfg, out_dir, progress=False)
+
+    def loss_fn(x0, t, noise):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return sampler({"sample": x0, "timesteps": t, "noise": noise})
+
+    return trainer.train_step, loss_fn
+
+
 def measure(row: str, state: dict, args, data, step_flops: float, peak: float) -> dict:
+    import tempfile
+
     from fusediff import kernels
 
     backend = kernels.use_backend("ref") if row == "fusediff-ref" else contextlib.nullcontext()
-    with backend:
+    with backend, tempfile.TemporaryDirectory() as tmp:
         model = build(row, state, args)
-        step, loss_fn = make_step(model, args, data, graph=row.endswith("graph"))
-        if row.endswith("graph"):  # its first call runs warm-up steps before the captured one
+        if row.startswith("fusediff-trainer"):
+            step, loss_fn = make_trainer_step(model, args, data, row.endswith("graph"), Path(tmp))
+        else:
+            step, loss_fn = make_step(model, args, data, graph=row.endswith("graph"))
+        if row.endswith("graph"):  # its first call records the graph (warm-up steps that leave no trace)
             with torch.no_grad():
                 first_loss = float(loss_fn(*data))
             step()

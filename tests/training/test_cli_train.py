@@ -25,6 +25,7 @@ TINY = ["--model-config", "tiny", "--image-size", "8", "--batch", "4", "--warmup
     (["--lr", "-1"], 2, "--lr"),
     (["--prediction-type", "x0"], 2, "--prediction-type"),
     (["--model-config", "huge"], 2, "--model-config"),
+    (["--cuda-graph", "--device", "cpu"], 2, "--cuda-graph needs --device cuda"),
     (["--resume"], 1, "no checkpoint"),
     (["--resume", "/nonexistent/step_000001"], 1, "is not a directory"),
 ])

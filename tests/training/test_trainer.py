@@ -206,11 +206,19 @@ def test_ema_matches_diffusers_and_is_what_the_pipeline_holds(tmp_path, make_sam
     (dict(mixed_precision="fp8"), "mixed_precision"),
     (dict(steps=0), "steps"),
     (dict(lr_schedule="linear"), "lr_schedule"),
+    (dict(cuda_graph=True, mixed_precision="fp16"), "fp16"),
+    (dict(cuda_graph=True, compile=True), "exclusive"),
+    (dict(cuda_graph=True), "needs the model on a CUDA device"),
 ])
 def test_bad_config_is_a_value_error(tmp_path, make_sampler, digits, bad, message):
     _, sampler = make_sampler()
     with pytest.raises(ValueError, match=message):
         Trainer(sampler, digits(8), _config(**{"batch_size": 4, **bad}), tmp_path, progress=False)
+
+
+def test_cuda_graph_is_refused_under_ddp():
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        _config(cuda_graph=True, batch_size=4).validate(world_size=2)
 
 
 def test_data_order_is_seeded_epochs_in_global_batches(tmp_path, make_sampler):

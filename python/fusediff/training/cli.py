@@ -4,7 +4,7 @@
                    [--lr LR] [--mixed-precision no|fp16|bf16] [--ema-decay D] [--sample-every N]
                    [--checkpoint-every N] [--resume [latest|DIR]] [--seed S] [--device cpu|cuda]
                    [--prediction-type epsilon|sample|v_prediction] [--snr-gamma G]
-                   [--model-config digits|tiny] [--compile] [--channels-last] [--quiet]
+                   [--model-config digits|tiny] [--compile | --cuda-graph] [--channels-last] [--quiet]
     torchrun --nproc_per_node 2 -m fusediff.training.cli --out DIR ...       (data parallel)
 
 The model learns the denoising objective of DDPM (Ho et al. 2020, alg. 1) on scikit-learn's 8x8
@@ -90,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=positive_int, default=d.log_every,
                         help=f"steps between log lines (default {d.log_every})")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each optimizer step from one CUDA graph (CUDA, one process, not with fp16)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC UNet and inputs")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no messages")
     parser.add_argument("--dist-timeout", type=positive_float, default=1800.0, help=argparse.SUPPRESS)
@@ -114,6 +116,8 @@ def _check(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise CliError("--device cuda: no CUDA device is available (use --device cpu)")
+    if args.cuda_graph and args.device != "cuda":
+        raise CliError("--cuda-graph needs --device cuda", status=2)
     if args.resume is not None:
         from .checkpoint import resolve_checkpoint
 
@@ -176,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
                          ema_warmup=args.ema_warmup, sample_every=args.sample_every,
                          checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                          seed=args.seed, log_every=args.log_every, compile=args.compile,
-                         channels_last=args.channels_last)
+                         channels_last=args.channels_last, cuda_graph=args.cuda_graph)
     try:
         config.validate(int(os.environ.get("WORLD_SIZE") or 1))
     except ValueError as e:

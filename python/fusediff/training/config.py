@@ -46,6 +46,7 @@ class TrainConfig:
     log_every: int = 50  # steps between loss / lr / images-per-second updates
     compile: bool = False  # torch.compile the training forward
     channels_last: bool = False  # the UNet and its inputs in NHWC
+    cuda_graph: bool = False  # replay each optimizer step (all micro-steps) from one CUDA graph (CUDAGraphTrainStep)
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -74,6 +75,15 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {tuple(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if not 0 <= self.ema_decay <= 1:
             raise ValueError(f"ema_decay must lie in [0, 1], got {self.ema_decay!r}")
+        if self.cuda_graph:
+            if self.mixed_precision == "fp16":
+                raise ValueError("cuda_graph does not run with mixed_precision='fp16' (the GradScaler's inf check "
+                                 "reads the device every step); use 'bf16' or 'no'")
+            if self.compile:
+                raise ValueError("cuda_graph and compile are exclusive: choose one")
+            if world_size > 1:
+                raise ValueError(f"cuda_graph does not run under DistributedDataParallel (world size {world_size}); "
+                                 "train on one process or without cuda_graph")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 0:
             raise ValueError(f"keep_checkpoints must be >= 0 or None, got {self.keep_checkpoints!r}")
 

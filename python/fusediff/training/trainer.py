@@ -17,6 +17,12 @@ for bit (:mod:`fusediff.training.checkpoint`). The noise and timesteps come from
 generator handed to the Sampler; anything else random (classifier-free guidance's label drop) uses
 torch's global RNG, seeded per rank.
 
+With ``cuda_graph`` an optimizer step (every micro-step, the clipping and a fused capturable AdamW
+whose learning rate is a device tensor) is replayed from one CUDA graph
+(:class:`~fusediff.training.CUDAGraphTrainStep`, recorded at the first step and again after
+``resume``); the batches, noise draws and losses are those of the eager step, and the EMA update runs
+after each replay. It needs one CUDA process, bf16 or fp32 (not fp16's GradScaler) and no ``compile``.
+
 Limits: the data are indexed in memory (:class:`~fusediff.training.digits.TensorDataset`); all trained
 parameters must belong to one UNet (the one saved); ``compile`` compiles the training forward only.
 """
@@ -126,7 +132,16 @@ class Trainer:
         self.params = params
         self.sample_fn, self.progress = sample_fn, progress
         self.scheduler, self.pipeline_cls = scheduler, pipeline_cls
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        if config.cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graph needs the model on a CUDA device; it is on {self.device}")
+            # the rate lives in a device tensor the graph reads (train_step fills it); the step count too
+            self.optimizer = torch.optim.AdamW(params, lr=torch.tensor(config.lr, device=self.device),
+                                               betas=config.betas, weight_decay=config.weight_decay,
+                                               fused=True, capturable=True)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+                                               weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.ema = EMAModel(params, decay=config.ema_decay, min_decay=0.0,
                             update_after_step=config.ema_update_after_step, use_ema_warmup=config.ema_warmup,
@@ -139,6 +154,8 @@ class Trainer:
         self.step, self.epoch, self.index = 0, 0, 0
         self.history: list[tuple[int, float]] = []  # (step, mean loss of that step) at each log point
         self._perm_epoch, self._perm = -1, None
+        self._graph_step: Any = None  # the CUDAGraphTrainStep of config.cuda_graph, built at the first step
+        self._graph_keys: tuple[str, ...] = ()
 
     @staticmethod
     def _current_dist(device: torch.device) -> D.DistInfo:
@@ -176,6 +193,8 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the next global batch; returns this rank's mean loss (a 0-d tensor)."""
+        if self.config.cuda_graph:
+            return self._graph_train_step()
         cfg, dist = self.config, self.dist
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
@@ -203,6 +222,34 @@ class Trainer:
         self.ema.step(self.params)
         self.step += 1
         return total / cfg.grad_accum
+
+    def _graph_loss(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch as the graph records it (autocast without its weight cache)."""
+        dtype = MIXED_PRECISION[self.config.mixed_precision]
+        batch = dict(zip(self._graph_keys, tensors))
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                            cache_enabled=False):
+            loss = self._forward(batch, generator=self.generator)
+        return loss.float()
+
+    def _graph_train_step(self) -> torch.Tensor:
+        """train_step replayed from a CUDA graph: the same micro-batches, losses, clipping, AdamW and EMA steps."""
+        from .graph_step import CUDAGraphTrainStep
+
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr_at(self.step, cfg))
+        # the micro-batches one after the other along dim 0: CUDAGraphTrainStep cuts them apart again
+        batch = self._batch(self._take(cfg.batch_size))
+        if self._graph_step is None:
+            self._graph_keys = tuple(sorted(batch))
+            self._graph_step = CUDAGraphTrainStep(self._graph_loss, self.optimizer, clip_grad_norm=cfg.clip_grad_norm,
+                                                  grad_accum=cfg.grad_accum, generators=(self.generator,))
+        self.sampler.train()
+        loss = self._graph_step(*(batch[k] for k in self._graph_keys)).clone()
+        self.ema.step(self.params)
+        self.step += 1
+        return loss
 
     # -- the loop ---------------------------------------------------------------------------------------
     def train(self, until: int | None = None) -> None:
@@ -245,7 +292,7 @@ class Trainer:
             raise FloatingPointError(f"loss is {value} at step {self.step}")
         now = time.perf_counter()
         rate = (self.step - tick_step) * self.config.batch_size / max(now - tick, 1e-9)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = float(self.optimizer.param_groups[0]["lr"])  # a device tensor under cuda_graph
         self.history.append((self.step, value))
         if self.dist.is_main:
             if bar is not None:
@@ -381,6 +428,10 @@ class Trainer:
         weights = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
         self.unet.load_state_dict(weights, strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.config.cuda_graph:  # a rate saved as a float becomes the device tensor again; the graph is rebuilt
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=self.device).clone()
+            self._graph_step = None
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.ema.load_state_dict(state["ema"])
