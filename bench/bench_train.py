@@ -129,7 +129,7 @@ def make_trainer_step(model, args, data, graph: bool, out_dir: Path):
     from fusediff.training.trainer import Trainer, TrainConfig
 
     schedule = Schedule.from_scheduler(DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS))
-    sampler = Sampler(UNetAdapter(model), Predictor("epsilon"), schedule)
+    sampler = Sampler(UNetAdapter(model), Predictor("epsilon"), schedule).cuda()  # the schedule's tables too
     images = data[0].repeat(8, 1, 1, 1)
     cfg = TrainConfig(steps=10**6, batch_size=args.batch, lr=1e-4, warmup=0, mixed_precision="bf16",
                       channels_last=True, cuda_graph=graph, log_every=10**6)

@@ -13,7 +13,9 @@ argument's value (the usual pattern: tensors first, every position of one Python
 alone otherwise), and the meta-parameters and compile options by name. Nothing Triton could compile differently is left out of the key, so a hit launches the very
 kernel Triton would have launched, with the same arguments (tensors passed as their data pointers).
 For an autotuned kernel the first call of a variant runs the autotuner; the variant then holds the
-chosen config's compiled kernel and grid.
+chosen config's compiled kernel and meta-parameters. The grid is never cached: a callable grid is
+called with the variant's meta-parameters at every launch, since it may depend on sizes that are not
+kernel arguments (attention's grid counts batch x heads, and the batch is no argument).
 
 Triton's own path runs instead under TRITON_INTERPRET=1, when a launch hook is installed (profilers
 such as proton see every launch), for Triton versions whose launcher contract was not checked here
@@ -97,14 +99,16 @@ def _stream(device: int) -> int:
 class _Variant:
     """One compiled kernel and what a direct launch of it needs."""
 
-    __slots__ = ("run", "function", "packed_metadata", "tail", "grid")
+    __slots__ = ("run", "function", "packed_metadata", "tail", "meta")
 
-    def __init__(self, compiled, tail: tuple, grid: tuple[int, int, int] | None):
+    def __init__(self, compiled, tail: tuple, meta: dict):
         self.run = compiled.run  # the C launcher (its handles are loaded by the first, Triton-run launch)
         self.function = compiled.function
         self.packed_metadata = compiled.packed_metadata
         self.tail = tail  # the kernel's trailing parameters (constexprs) in signature order
-        self.grid = grid  # autotuned kernels: the grid of the chosen config; else None (the caller's)
+        # the meta-parameters (an autotuned kernel's chosen config included) that a callable grid is given:
+        # the grid is computed at every launch, as it depends on sizes the key may not hold (e.g. the batch)
+        self.meta = meta
 
 
 class CachedKernel:
@@ -188,13 +192,13 @@ class CachedKernel:
                 if self._learn(args) != before:  # the first call, or a new argument pattern: key anew
                     self._variants.clear()
                     key, _ = self._key(device, args, meta)
-                self._remember(key, compiled, len(args), grid, meta)
+                self._remember(key, compiled, len(args), meta)
             return
-        g = variant.grid or grid
+        g = grid(variant.meta) if callable(grid) else grid
         variant.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, _stream(device), variant.function,
                     variant.packed_metadata, None, None, None, *values, *variant.tail)
 
-    def _remember(self, key: tuple, compiled, n_args: int, grid, meta: dict) -> None:
+    def _remember(self, key: tuple, compiled, n_args: int, meta: dict) -> None:
         """Store the variant Triton just compiled and launched; None (Triton's path for good) when its
         launch cannot be reproduced here."""
         if len(self._variants) >= MAX_VARIANTS:
@@ -221,11 +225,7 @@ class CachedKernel:
         if any(v is inspect.Parameter.empty for v in tail):
             self._variants[key] = None
             return
-        fixed = None
-        if self._autotuned:
-            g = grid(params) if callable(grid) else grid
-            fixed = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
-        self._variants[key] = _Variant(compiled, tail, fixed)
+        self._variants[key] = _Variant(compiled, tail, params)
 
     def variants(self) -> int:
         """How many variants are cached (for tests and benchmarks)."""

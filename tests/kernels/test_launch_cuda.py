@@ -110,6 +110,27 @@ def test_specialization_changes_after_a_variant_is_cached():
         torch.testing.assert_close(got, ref, atol=1e-2 if x.dtype == torch.float16 else 1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("first, then", [(4, 2), (2, 8)])
+def test_a_new_batch_after_a_cached_variant_gets_its_own_grid(first, then):
+    """The batch is not an argument of the attention kernels (their grid counts batch x heads), so a variant
+    cached at one batch must not lend its grid to another: every row of each result is checked against
+    the reference (a reused grid leaves rows unwritten or writes past the output)."""
+    for batch in (first, then, first):
+        q, k, v = _rnd(batch, 4, 100, 40), _rnd(batch, 4, 77, 40, seed=1), _rnd(batch, 4, 77, 40, seed=2)
+        qs = _rnd(batch, 4, 256, 64, seed=3)
+        x = _rnd(batch, 64, 16, 16, seed=4)
+        pairs = [
+            ("cross", K.attention(q, k, v), K.attention_ref(q, k, v)),
+            ("self", K.attention(qs, qs, qs), K.attention_ref(qs, qs, qs)),
+            ("group_norm", K.group_norm(x, 32, None, None, activation="silu"),
+             K.group_norm_ref(x, 32, None, None, activation="silu")),
+        ]
+        for name, got, ref in pairs:
+            worst = (got.float() - ref.float()).flatten(1).abs().amax(1)
+            print(f"batch {batch} {name}: max error per item {worst.tolist()}")
+            assert torch.isfinite(got).all() and worst.max().item() < 2e-2, (batch, name, worst.tolist())
+
+
 def test_graph_capture_replays_direct_launches():
     x, w, b = _rnd(2, 320, 64, 64), _rnd(320, seed=1), _rnd(320, seed=2)
     eager = K.group_norm(x, 32, w, b, activation="silu")  # variants cached: the capture launches directly

@@ -27,6 +27,11 @@ CONFIG = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
 def _cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    # bit-for-bit comparisons need deterministic convolutions (cuDNN's weight gradient may use atomics)
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 def make(seed=0, adam=True):

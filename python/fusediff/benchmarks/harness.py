@@ -119,18 +119,36 @@ def device_name() -> str:
 
 
 def append_rows(csv_name: str, rows: list[dict], out_dir: str | Path) -> Path:
-    """Append rows to ``out_dir/csv_name``, stamped with GPU, commit and date; returns the path."""
+    """Append rows to ``out_dir/csv_name``, stamped with GPU, commit and date; returns the path.
+
+    The columns are the union of the rows' keys (a failed row's ``note`` included); when a row brings a
+    column the file's header lacks, the file is rewritten with the wider header (atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / csv_name
     stamp = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "gpu": device_name()}
     rows = [{**stamp, **r} for r in rows]
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    old_rows: list[dict] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            if set(fields) <= set(header):
+                fields = None
+            else:
+                old_rows = list(reader)
+                fields = header + [k for k in fields if k not in header]
+        if fields is None:
+            with path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writerows(rows)
+            return path
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(old_rows + rows)
+    os.replace(tmp, path)
     return path
 
 

@@ -184,6 +184,8 @@ def _null_like(value: Any, like: torch.Tensor) -> torch.Tensor:
     dimension) as a tensor of ``like``'s shape, dtype and device."""
     if value is None:
         return torch.zeros_like(like)
+    if isinstance(value, (bool, int, float)):  # a fill on the device: no host-to-device copy (CUDA graphs)
+        return torch.full_like(like, value)
     null = torch.as_tensor(value, device=like.device)
     null = null.to(like.dtype) if null.dtype != like.dtype else null
     while null.dim() < like.dim():
