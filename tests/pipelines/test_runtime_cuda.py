@@ -48,13 +48,14 @@ def _sd(scheduler: str, dtype=torch.float16, cls=fusediff.StableDiffusionPipelin
     return pipe
 
 
-def _call(pipe, seed=0, embeds_seed=1, guidance_scale=5.0, steps=4, images=1, **kwargs):
+def _call(pipe, seed=0, embeds_seed=1, guidance_scale=5.0, steps=4, images=1, generator=None, **kwargs):
     g = torch.Generator().manual_seed(embeds_seed)
     dtype = pipe.unet.dtype
     cond, uncond = (torch.randn(1, 77, 64, generator=g).to("cuda", dtype) for _ in range(2))
     size = {} if "image" in kwargs and "mask_image" not in kwargs else dict(height=32, width=32)
     return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=guidance_scale,
-                num_inference_steps=steps, num_images_per_prompt=images, generator=torch.Generator().manual_seed(seed),
+                num_inference_steps=steps, num_images_per_prompt=images,
+                generator=torch.Generator().manual_seed(seed) if generator is None else generator,
                 output_type="latent", **size, **kwargs).images
 
 
@@ -217,3 +218,37 @@ def test_cuda_graph_callable_replays_with_new_inputs():
     assert graphed.num_graphs == 3
     graphed.reset()
     assert graphed.num_graphs == 0
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler", "heun", "lms", "dpmpp_2m_karras", "deis", "unipc"])
+def test_whole_loop_graph_equals_eager(scheduler, monkeypatch):
+    pipe = _sd(scheduler)
+    eager = {seed: _call(pipe, seed=seed) for seed in (0, 3)}
+    scaled = _call(pipe, guidance_scale=8.0)
+    pipe.enable_cuda_graph(whole_loop=True)
+    first, captured = _call(pipe), _call(pipe)  # eager, then captured and replayed
+    monkeypatch.setattr(pipe, "_denoise", _sync_checked(pipe._denoise))  # a replay never synchronises
+    replayed, rescaled = _call(pipe, seed=3), _call(pipe, guidance_scale=8.0)
+    loops = pipe._cuda_graphs["unet step"][1]
+    print(f"{scheduler}: whole loop vs eager {_max_diff(captured, eager[0]):.3e}, "
+          f"new seed {_max_diff(replayed, eager[3]):.3e}")
+    assert loops.num_graphs == 1 and loops.step_graphs.num_graphs == 0
+    assert torch.equal(first, eager[0]) and torch.equal(captured, eager[0])
+    assert torch.equal(replayed, eager[3]) and torch.equal(rescaled, scaled)
+
+
+def test_whole_loop_graph_with_step_noise():
+    pipe = _sd("euler_a")
+    g = functools.partial(torch.Generator, "cuda")
+    eager = _call(pipe, generator=g().manual_seed(4))
+    pipe.enable_cuda_graph(whole_loop=True)
+    got = [_call(pipe, generator=g().manual_seed(4)) for _ in range(3)]
+    assert pipe._cuda_graphs["unet step"][1].num_graphs == 1
+    assert all(torch.equal(x, eager) for x in got), [_max_diff(x, eager) for x in got]
+    pipe.disable_cuda_graph()
+    cpu_eager = _call(pipe)  # a CPU generator: the step's noise cannot be captured
+    pipe.enable_cuda_graph(whole_loop=True)
+    _call(pipe)
+    with pytest.warns(RuntimeWarning, match="cannot be one CUDA graph"):
+        fallback = _call(pipe)
+    assert torch.equal(fallback, cpu_eager) and torch.equal(_call(pipe), cpu_eager)

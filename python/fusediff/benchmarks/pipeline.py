@@ -10,6 +10,9 @@ Rows (implementations, ``--rows``; all but the last run by default):
   fusediff-graph         the same models, each call through ``fusediff.utils.cuda_graph.CUDAGraphCallable``
                          (captured on the first call, replayed after); the pipeline with ``enable_cuda_graph()``.
   fusediff-compile       ``torch.compile(model, fullgraph=True)`` of fusediff's channels-last models.
+  fusediff-graph-loop    t2i only: the pipeline with ``enable_cuda_graph(whole_loop=True)``, every step's UNet
+                         call and scheduler update replayed as one graph (the warm-up is two calls: the
+                         signature's eager first call and the capture).
   diffusers-compile-nchw diffusers-compile with contiguous models: checks that channels-last is the stronger choice.
 Columns (``--columns``):
   unet   one step of the SD 1.5-sized UNet2DConditionModel: batch 2 (classifier-free guidance), 64x64x4
@@ -55,9 +58,14 @@ from ..utils.cli_types import positive_int
 class Row:
     label: str  # name in the report's tables
     library: str  # "diffusers" or "fusediff": whose model and pipeline classes
-    mode: str  # "eager", "compile", "patch" or "graph"
+    mode: str  # "eager", "compile", "patch", "graph" or "graph-loop"
     channels_last: bool  # models in channels-last
     default: bool = True  # run when --rows is not given
+    columns: tuple[str, ...] | None = None  # the only columns it has (None: every column)
+
+    def has(self, column: str) -> bool:
+        """Whether the row measures ``column``."""
+        return self.columns is None or column in self.columns
 
     @property
     def inputs_channels_last(self) -> bool:
@@ -78,6 +86,7 @@ ROWS = {
     "fusediff-eager": Row("fusediff eager", "fusediff", "eager", True),
     "fusediff-graph": Row("fusediff + CUDA graphs", "fusediff", "graph", True),
     "fusediff-compile": Row("fusediff + torch.compile", "fusediff", "compile", True),
+    "fusediff-graph-loop": Row("fusediff + whole-loop CUDA graph", "fusediff", "graph-loop", True, columns=("t2i",)),
     "diffusers-compile-nchw": Row("diffusers + torch.compile, NCHW", "diffusers", "compile", False, default=False),
 }
 BASELINE = "diffusers-eager"
@@ -99,6 +108,7 @@ TABLE_FIELDS = ["impl", "column", "ms", "gpu_ms", "speedup", "gpu_speedup", "roo
                 "note"]
 # the pipeline benchmark's targets (ms and speedups), checked by --report
 UNET_MS, UNET_VS_EAGER, UNET_VS_COMPILE, VAE_MS, T2I_MS, PATCH_VS_EAGER = 8.0, 3.3, 1.5, 8.0, 450.0, 1.5
+LOOP_VS_STEP_GRAPHS = 0.85  # t2i with whole-loop graphs over t2i with per-step graphs (issue 16)
 
 
 class BenchUnavailable(RuntimeError):
@@ -297,6 +307,9 @@ def targets(rows: list[dict]) -> list[str]:
         found = best(column, "fusediff")
         out.append(line(f"{COLUMNS[column].label}, best fusediff row", found and found[1], goal, True, " ms",
                         f", {found[0]}" if found else ""))
+    loop, step = (_number(by.get((r, "t2i"), {}).get("ms")) for r in ("fusediff-graph-loop", "fusediff-graph"))
+    out.append(line("text-to-image, whole-loop graph over per-step graphs", loop and step and loop / step,
+                    LOOP_VS_STEP_GRAPHS, True, "x"))
     patched = _number(by.get(("diffusers-patch", "unet"), {}).get("speedup"))
     out.append(line("UNet step, diffusers + fusediff.patch over diffusers eager", patched, PATCH_VS_EAGER, False, "x"))
     return out

@@ -22,12 +22,14 @@ import sampling; sampling imports neither.
 
 from .guidance import Guidance, combine, guided_prediction, rescale_guidance, scale_tensor
 from .loop import denoise, model_call, step_arguments
+from .loop_graph import LoopGraphs
 from .noise import check_generators, initial_noise
 from .runtime import ModelCallGraphs, SamplingRuntime, in_layout, module_memory_format
 from .timesteps import Timesteps, check_steps, check_strength, host_timesteps, loop_timesteps, set_timesteps
 
 __all__ = [
     "Guidance",
+    "LoopGraphs",
     "ModelCallGraphs",
     "SamplingRuntime",
     "Timesteps",

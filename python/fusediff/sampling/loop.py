@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .guidance import Guidance, guided_prediction
+from .loop_graph import LoopGraphs, generator_kind, generators_of, scheduler_signature
 from .runtime import ModelCallGraphs, in_layout
 from .timesteps import Timesteps, loop_timesteps, set_timesteps
 
@@ -90,7 +91,8 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
             callback_on_step_end: Callable[..., Mapping[str, Any] | None] | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
             callback_tensors: Mapping[str, torch.Tensor] | None = None, pipeline: Any = None,
-            progress: bool | Callable[..., Any] = True, cuda_graph: ModelCallGraphs | bool | None = None,
+            progress: bool | Callable[..., Any] = True,
+            cuda_graph: ModelCallGraphs | LoopGraphs | bool | str | None = None,
             memory_format: torch.memory_format | None = None, grad: bool = False) -> torch.Tensor:
     """Run ``scheduler`` from ``noise`` with ``predict`` as the model; returns the final sample.
 
@@ -122,7 +124,10 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
         pipeline: the first argument of the callback.
         progress: a tqdm bar (True), none (False), or a factory ``progress(total=n)``.
         cuda_graph: replay the model call from CUDA graphs: a :class:`ModelCallGraphs` kept across
-            loops, or True for graphs of this loop only. Outputs equal the eager loop's.
+            loops, or True for graphs of this loop only; or the whole loop, model calls and scheduler
+            updates, as one graph: a :class:`~fusediff.sampling.LoopGraphs` kept across loops (the
+            first call of a loop signature runs eagerly, the second captures; see
+            :mod:`fusediff.sampling.loop_graph` for the loops it holds). Outputs equal the eager loop's.
         memory_format: ``torch.channels_last`` converts 4-D latents once, before the loop.
         grad: leave autograd as the caller has it (differentiable sampling); by default the loop runs
             under ``torch.no_grad()``, as diffusers' pipelines do.
@@ -158,11 +163,25 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
         raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among {sorted(state)}")
     step_kw = {**step_arguments(scheduler, generator, eta), **(step_kwargs or {})}
     guide = guidance.arguments(x.dtype, x.device) if guidance is not None else None
+    host, device_timesteps = loop_timesteps(run.host, x.device)
+    if isinstance(cuda_graph, LoopGraphs):
+        whole = (from_noise and mask is None and callback_on_step_end is None and not grad
+                 and not isinstance(timesteps, Timesteps) and x.is_cuda
+                 and not any(isinstance(v, torch.Tensor) for k, v in step_kw.items() if k != "generator"))
+        if whole:
+            def restart() -> None:
+                set_timesteps(scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas, strength=strength)
+
+            x = _whole_loop(cuda_graph, scheduler, predict, noise, run, host, device_timesteps, guide, model_kwargs,
+                            step_kw, memory_format, restart)
+            with _progress(progress, run.num_inference_steps) as bar:
+                bar.update(run.num_inference_steps)
+            return x
+        cuda_graph = cuda_graph.step_graphs
     call: Callable[..., torch.Tensor] = functools.partial(model_call, predict)
     graphs = ModelCallGraphs() if cuda_graph is True else cuda_graph or None
     if graphs is not None:
         call = graphs.wrap(call)
-    host, device_timesteps = loop_timesteps(run.host, x.device)
     order = getattr(scheduler, "order", 1)
     warmup = len(host) - run.num_inference_steps * order
     # 4. x_{t-1} = step(predict(x_t, t), t, x_t)
@@ -189,3 +208,29 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
             if i == len(host) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
                 bar.update()
     return state["latents"]
+
+
+def _whole_loop(graphs: LoopGraphs, scheduler: Any, predict: Predict, noise: torch.Tensor, run: Timesteps,
+                host: torch.Tensor, device_timesteps: torch.Tensor, guide: Any, model_kwargs: dict[str, Any],
+                step_kw: dict[str, Any], memory_format: torch.memory_format | None,
+                restart: Callable[[], None]) -> torch.Tensor:
+    """The loop from noise (no mask, no callback) through :class:`LoopGraphs`: one graph per signature."""
+    scale, rescale, uncond_first = guide if guide is not None else (None, None, None)
+    step_other = {k: (generator_kind(v) if k == "generator" else v) for k, v in step_kw.items()}
+
+    def body(noise_: torch.Tensor, timesteps_: torch.Tensor, scale_: torch.Tensor | None,
+             kw: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad():
+            g = None if scale_ is None else (scale_, rescale, uncond_first)
+            x = _start(scheduler, noise_, run, None, True)
+            if memory_format is not None:
+                x = in_layout(x, memory_format)
+            for i, t_host in enumerate(host):
+                out = model_call(predict, scheduler.scale_model_input(x, t_host), timesteps_[i], g, **kw)
+                x = scheduler.step(out, t_host, x, **step_kw).prev_sample
+            return x
+
+    args = (noise, device_timesteps, scale, dict(model_kwargs))
+    key = graphs.signature(scheduler_signature(scheduler), tuple(host.tolist()), run.num_inference_steps,
+                           rescale, uncond_first, step_other, memory_format, args=args)
+    return graphs.run(key, body, args, restart=restart, generators=generators_of(step_kw.get("generator")))

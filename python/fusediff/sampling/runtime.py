@@ -16,7 +16,11 @@ Neither is ever saved with a pipeline (DESIGN.md, decision 8).
   latents in channels-last too (:func:`module_memory_format`, :func:`in_layout`), so no step
   copies between layouts.
 
-Limits: the scheduler update is not inside the graph. The schedulers keep their multistep history
+- **Whole-loop CUDA graphs** (``pipe.enable_cuda_graph(whole_loop=True)``): the model calls and the
+  scheduler updates of a whole call as one graph, :class:`~fusediff.sampling.LoopGraphs`
+  (:mod:`fusediff.sampling.loop_graph`).
+
+Limits of the per-step graphs: the scheduler update is not inside the graph. The schedulers keep their multistep history
 and draw their noise in Python between model calls; the update itself is one kernel on a few
 hundred kilobytes whose launch overlaps the model's work.
 """
@@ -92,7 +96,7 @@ def _first_weight(module: Any) -> tuple[int, str, str] | None:
 class SamplingRuntime:
     """Mixin of :class:`~fusediff.pipelines.DiffusionPipeline`: the CUDA-graph switch and its graphs."""
 
-    def enable_cuda_graph(self) -> None:
+    def enable_cuda_graph(self, whole_loop: bool = False) -> None:
         """Replay each denoising step's model call (and guidance) from a CUDA graph.
 
         The first call with a new shape, dtype, layout or batch captures a graph (it costs about
@@ -101,12 +105,24 @@ class SamplingRuntime:
         converting it to another layout captures anew; weights updated in place are seen by the
         graph. Outputs equal the eager loop's. On a CPU, or where capture fails, the loop runs
         eagerly with a warning.
+
+        With ``whole_loop=True`` the whole denoising loop (every step's model call and scheduler
+        update) is one graph per loop signature (scheduler, step count, shapes;
+        :mod:`fusediff.sampling.loop_graph`): the first call of a signature runs eagerly, the second
+        captures, later ones replay. Loops it cannot hold (img2img, inpainting, step callbacks) use
+        the per-step graphs.
         """
+        if not isinstance(whole_loop, bool):
+            raise TypeError(f"whole_loop must be a bool; got {whole_loop!r}")
+        if self.__dict__.get("_cuda_graph_whole_loop", False) != whole_loop:
+            self.__dict__.pop("_cuda_graphs", None)
         self.__dict__["_cuda_graph_enabled"] = True
+        self.__dict__["_cuda_graph_whole_loop"] = whole_loop
 
     def disable_cuda_graph(self) -> None:
         """Run the loop eagerly again and free the captured graphs."""
         self.__dict__["_cuda_graph_enabled"] = False
+        self.__dict__["_cuda_graph_whole_loop"] = False
         self.__dict__.pop("_cuda_graphs", None)
 
     @property
@@ -114,8 +130,9 @@ class SamplingRuntime:
         """Whether :meth:`enable_cuda_graph` is on."""
         return bool(self.__dict__.get("_cuda_graph_enabled", False))
 
-    def model_call_graphs(self, name: str, *models: Any) -> ModelCallGraphs | None:
-        """The graphs of model call ``name`` under :meth:`enable_cuda_graph` (None when it is off), kept
+    def model_call_graphs(self, name: str, *models: Any) -> Any:
+        """The graphs of model call ``name`` under :meth:`enable_cuda_graph` (None when it is off): a
+        :class:`ModelCallGraphs`, or a :class:`~fusediff.sampling.LoopGraphs` with ``whole_loop``; kept
         while ``models`` are the same objects, on the same device and dtype."""
         if not self.cuda_graph_enabled:
             return None
@@ -123,5 +140,11 @@ class SamplingRuntime:
         graphs = self.__dict__.setdefault("_cuda_graphs", {})
         held = graphs.get(name)
         if held is None or held[0] != owners:
-            held = graphs[name] = (owners, ModelCallGraphs(f"{type(self).__name__} {name}"))
+            label = f"{type(self).__name__} {name}"
+            if self.__dict__.get("_cuda_graph_whole_loop", False):
+                from .loop_graph import LoopGraphs
+
+                held = graphs[name] = (owners, LoopGraphs(label))
+            else:
+                held = graphs[name] = (owners, ModelCallGraphs(label))
         return held[1]

@@ -45,8 +45,13 @@ def randn_tensor(shape: Sequence[int], generator: Generator = None, device: torc
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``t`` on ``device``; a CPU tensor goes to a CUDA device through pinned memory without making
-    the host wait for the device (a plain copy from pageable memory synchronises the stream)."""
+    the host wait for the device (a plain copy from pageable memory synchronises the stream). Refused
+    (RuntimeError) while the current stream captures a CUDA graph."""
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":
+        if torch.cuda.is_current_stream_capturing():
+            # a captured copy from pinned memory would replay the capture's values on every replay
+            raise RuntimeError("a CPU tensor cannot be copied to the device inside a CUDA graph capture (each replay "
+                               "would repeat the values of the capture); draw random numbers with a CUDA generator")
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
