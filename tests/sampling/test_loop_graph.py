@@ -40,27 +40,58 @@ def test_generator_helpers_and_scheduler_signature():
     assert scheduler_signature(schedulers("unipc")[0]) != scheduler_signature(ddim)
 
 
+class _Stepper:
+    """A stand-in scheduler: the loop body advances it."""
+
+    def __init__(self) -> None:
+        self.step_index, self.history = 0, []
+
+
 def test_run_is_eager_first_and_falls_back_off_the_gpu():
-    graphs, calls, restarts = LoopGraphs("toy"), [], []
+    graphs, calls, stepper = LoopGraphs("toy"), [], _Stepper()
 
     def body(x: torch.Tensor) -> torch.Tensor:
-        calls.append(x)
+        calls.append((stepper.step_index, len(stepper.history)))
+        stepper.step_index += 1
+        stepper.history.append(x)
         return x * 2
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        stepper.step_index, stepper.history = 0, []  # as set_timesteps does
+        return graphs.run(key, body, (x,), scheduler=stepper)
 
     x = torch.arange(4.0)
     key = graphs.signature("toy", args=(x,))
-    assert torch.equal(graphs.run(key, body, (x,), restart=lambda: restarts.append(1)), x * 2)
-    assert len(calls) == 1 and not restarts  # first call of a signature: eager, no capture
+    assert torch.equal(run(x), x * 2) and calls == [(0, 0)]  # first call of a signature: eager, no capture
     with pytest.warns(RuntimeWarning, match="cannot be one CUDA graph.*cpu"):
-        second = graphs.run(key, body, (x + 1,), restart=lambda: restarts.append(1))
-    assert torch.equal(second, (x + 1) * 2) and restarts == [1] and len(calls) == 2
+        second = run(x + 1)
+    assert torch.equal(second, (x + 1) * 2) and calls == [(0, 0), (0, 0)]  # from the scheduler's start
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per signature
-        third = graphs.run(key, body, (x + 2,), restart=lambda: restarts.append(1))
-    assert torch.equal(third, (x + 2) * 2) and graphs.num_graphs == 0 and restarts == [1]
+        third = run(x + 2)
+    assert torch.equal(third, (x + 2) * 2) and graphs.num_graphs == 0 and len(calls) == 3
     graphs.reset()
-    graphs.run(key, body, (x,), restart=lambda: None)
+    run(x)
     assert len(calls) == 4
+
+
+def test_a_scheduler_state_that_cannot_be_copied_stays_eager():
+    graphs, stepper = LoopGraphs("toy"), _Stepper()
+    stepper.lock = __import__("threading").Lock()  # deepcopy refuses it
+    x = torch.ones(2)
+    key = graphs.signature(args=(x,))
+    graphs.run(key, lambda t: t + 1, (x,), scheduler=stepper)
+    with pytest.warns(RuntimeWarning, match="state cannot be copied"):
+        assert torch.equal(graphs.run(key, lambda t: t + 1, (x,), scheduler=stepper), x + 1)
+
+
+def test_scheduler_signature_follows_its_host_tables():
+    a, b = schedulers("euler")[0], schedulers("euler")[0]
+    a.set_timesteps(5)
+    b.set_timesteps(5)
+    assert scheduler_signature(a) == scheduler_signature(b)
+    b.sigmas = b.sigmas * 1.01  # custom sigmas at the same timesteps: other coefficients, another graph
+    assert scheduler_signature(a) != scheduler_signature(b)
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler_a"])

@@ -165,15 +165,11 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
     guide = guidance.arguments(x.dtype, x.device) if guidance is not None else None
     host, device_timesteps = loop_timesteps(run.host, x.device)
     if isinstance(cuda_graph, LoopGraphs):
-        whole = (from_noise and mask is None and callback_on_step_end is None and not grad
-                 and not isinstance(timesteps, Timesteps) and x.is_cuda
+        whole = (from_noise and mask is None and callback_on_step_end is None and not grad and x.is_cuda
                  and not any(isinstance(v, torch.Tensor) for k, v in step_kw.items() if k != "generator"))
         if whole:
-            def restart() -> None:
-                set_timesteps(scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas, strength=strength)
-
             x = _whole_loop(cuda_graph, scheduler, predict, noise, run, host, device_timesteps, guide, model_kwargs,
-                            step_kw, memory_format, restart)
+                            step_kw, memory_format)
             with _progress(progress, run.num_inference_steps) as bar:
                 bar.update(run.num_inference_steps)
             return x
@@ -212,8 +208,7 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
 
 def _whole_loop(graphs: LoopGraphs, scheduler: Any, predict: Predict, noise: torch.Tensor, run: Timesteps,
                 host: torch.Tensor, device_timesteps: torch.Tensor, guide: Any, model_kwargs: dict[str, Any],
-                step_kw: dict[str, Any], memory_format: torch.memory_format | None,
-                restart: Callable[[], None]) -> torch.Tensor:
+                step_kw: dict[str, Any], memory_format: torch.memory_format | None) -> torch.Tensor:
     """The loop from noise (no mask, no callback) through :class:`LoopGraphs`: one graph per signature."""
     scale, rescale, uncond_first = guide if guide is not None else (None, None, None)
     step_other = {k: (generator_kind(v) if k == "generator" else v) for k, v in step_kw.items()}
@@ -233,4 +228,4 @@ def _whole_loop(graphs: LoopGraphs, scheduler: Any, predict: Predict, noise: tor
     args = (noise, device_timesteps, scale, dict(model_kwargs))
     key = graphs.signature(scheduler_signature(scheduler), tuple(host.tolist()), run.num_inference_steps,
                            rescale, uncond_first, step_other, memory_format, args=args)
-    return graphs.run(key, body, args, restart=restart, generators=generators_of(step_kw.get("generator")))
+    return graphs.run(key, body, args, scheduler=scheduler, generators=generators_of(step_kw.get("generator")))

@@ -9,9 +9,9 @@ step passes them (by value), and a multistep scheduler's history (its previous m
 in the graph's own memory, at the addresses the capture gave it, so the history is static buffers
 without any change to the schedulers.
 
-A loop's *signature* is what the graph fixes: the scheduler's class, config and timesteps, the
-shapes, dtypes and strides of the noise and of the model's tensor inputs, the non-tensor arguments,
-the step's ``eta``, and the kind of generator. The first call of a signature runs eagerly (it also
+A loop's *signature* is what the graph fixes: the scheduler's class, config and host tables
+(timesteps, sigmas: :func:`scheduler_signature`), the shapes, dtypes and strides of the noise and of
+the model's tensor inputs, the non-tensor arguments, the step's ``eta``, and the kind of generator. The first call of a signature runs eagerly (it also
 warms up autotuning and lazy allocations), the second captures the loop and replays it, later ones
 replay. What varies between calls without a new capture is tensor data: the noise (the seed), the
 prompt embeddings, the guidance scale.
@@ -21,10 +21,10 @@ copy (the graph's buffer is overwritten by the next replay).
 
 Limits: a loop that cannot be one graph runs with per-step graphs (:attr:`LoopGraphs.step_graphs`):
 img2img and inpainting starts, mask blending, ``callback_on_step_end``, differentiable sampling, and
-timesteps given as a :class:`~fusediff.sampling.Timesteps`. A capture that fails (a host
-synchronisation, or noise drawn on the CPU by a stochastic scheduler: replaying its copy would
-repeat the capture's numbers, so :func:`fusediff.utils.torch_utils.to_device` refuses it during a
-capture) leaves that signature eager, with a warning; a stochastic scheduler captures when its
+tensors among the step's keyword arguments. A capture that fails (a host synchronisation, or noise
+drawn on the CPU by a stochastic scheduler: replaying its copy would repeat the capture's numbers,
+so :func:`fusediff.utils.torch_utils.to_device` refuses it during a capture) puts the scheduler's
+state back and leaves that signature eager, with a warning; a stochastic scheduler captures when its
 generator is a CUDA ``torch.Generator``: the capture's generator is registered with the graph, and
 each replay draws from the call's own generator (its state is handed to the registered one and
 back), so a fresh ``torch.Generator("cuda").manual_seed(s)`` per call gives eager's numbers.
@@ -33,11 +33,13 @@ The progress bar advances once, at the end.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..utils.cuda_graph import _static_copy, _tensors
@@ -80,11 +82,18 @@ def freeze(value: Any) -> Any:
 
 
 def scheduler_signature(scheduler: Any) -> tuple:
-    """The scheduler's class and config (its identity when it has no config)."""
+    """The scheduler's class, config and host tables (its sigmas, timesteps and the like, by content:
+    the graph bakes each step's coefficients in), or its identity when it has no config."""
     config = getattr(scheduler, "config", None)
     if config is None:
         return (type(scheduler).__qualname__, id(scheduler))
-    return (type(scheduler).__qualname__, repr(sorted(dict(config).items())))
+    tables = []
+    for name, value in sorted(vars(scheduler).items()):
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            tables.append((name, value.dtype, tuple(value.shape), hash(value.contiguous().numpy().tobytes())))
+        elif isinstance(value, np.ndarray):
+            tables.append((name, value.dtype.str, value.shape, hash(value.tobytes())))
+    return (type(scheduler).__qualname__, repr(sorted(dict(config).items())), tuple(tables))
 
 
 class _Loop:
@@ -139,20 +148,28 @@ class LoopGraphs:
         return freeze((parts, args))
 
     def run(self, key: tuple, body: Callable[..., torch.Tensor], args: tuple, *,
-            restart: Callable[[], None], generators: Sequence[torch.Generator] = ()) -> torch.Tensor:
+            scheduler: Any = None, generators: Sequence[torch.Generator] = ()) -> torch.Tensor:
         """``body(*args)``: eagerly the first time ``key`` is seen, captured and replayed after.
 
-        ``restart`` puts the scheduler back at the loop's first step (called before an eager run that
-        follows a failed capture); ``generators`` are the ``torch.Generator`` objects the loop draws from
-        (the CUDA ones are registered with the graph; all are put back if a capture fails)."""
+        ``scheduler`` (any object whose attributes the loop changes) is put back as it was before a
+        capture that fails, and the loop then runs eagerly; ``generators`` are the ``torch.Generator``
+        objects the loop draws from (the CUDA ones are registered with the graph; all are put back if
+        a capture fails)."""
         entry = self._loops.get(key)
         if entry is _EAGER or (entry is None and key not in self._seen):
             self._seen.add(key)
             return body(*args)
         if entry is None:
+            try:  # a failed capture leaves the scheduler mid-loop: keep its state to put back
+                saved = None if scheduler is None else copy.deepcopy(vars(scheduler))
+            except Exception as err:  # noqa: BLE001 - any object the scheduler holds may refuse a copy
+                self._loops[key] = self._fallback(f"the scheduler's state cannot be copied: {err}")
+                return body(*args)
             entry = self._loops[key] = self._capture(body, args, generators)
             if entry is _EAGER:
-                restart()
+                if saved is not None:
+                    vars(scheduler).clear()
+                    vars(scheduler).update(saved)
                 return body(*args)
         else:
             for static, value in zip(entry.inputs, _tensors(args)):
