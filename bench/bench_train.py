@@ -154,7 +154,9 @@ def measure(row: str, state: dict, args, data, step_flops: float, peak: float) -
             step, loss_fn = make_trainer_step(model, args, data, row.endswith("graph"), Path(tmp))
         else:
             step, loss_fn = make_step(model, args, data, graph=row.endswith("graph"))
-        if row.endswith("graph"):  # its first call records the graph (warm-up steps that leave no trace)
+        if row.endswith("graph") or row.startswith("fusediff-trainer"):
+            # the loss on the rows' shared batch (a trainer draws its own batch, timesteps and noise);
+            # a graph step's first call records the graph (warm-up steps that leave no trace)
             with torch.no_grad():
                 first_loss = float(loss_fn(*data))
             step()
