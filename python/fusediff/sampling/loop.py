@@ -149,6 +149,19 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
     from_noise = image_latents is None if start_from_noise is None else start_from_noise
     if not from_noise and image_latents is None:
         raise ValueError("start_from_noise=False needs image_latents to noise")
+    step_kw = {**step_arguments(scheduler, generator, eta), **(step_kwargs or {})}
+    guide = guidance.arguments(noise.dtype, noise.device) if guidance is not None else None
+    host, device_timesteps = loop_timesteps(run.host, noise.device)
+    if isinstance(cuda_graph, LoopGraphs):
+        whole = (from_noise and mask is None and callback_on_step_end is None and not grad and noise.is_cuda
+                 and not any(isinstance(v, torch.Tensor) for k, v in step_kw.items() if k != "generator"))
+        if whole:
+            x = _whole_loop(cuda_graph, scheduler, predict, noise, run, host, device_timesteps, guide, model_kwargs,
+                            step_kw, memory_format)
+            with _progress(progress, run.num_inference_steps) as bar:
+                bar.update(run.num_inference_steps)
+            return x
+        cuda_graph = cuda_graph.step_graphs
     x = _start(scheduler, noise, run, image_latents, from_noise)
     if memory_format is not None:
         x = in_layout(x, memory_format)
@@ -161,19 +174,6 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
     unknown = [k for k in callback_on_step_end_tensor_inputs if k not in state]
     if callback_on_step_end is not None and unknown:
         raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among {sorted(state)}")
-    step_kw = {**step_arguments(scheduler, generator, eta), **(step_kwargs or {})}
-    guide = guidance.arguments(x.dtype, x.device) if guidance is not None else None
-    host, device_timesteps = loop_timesteps(run.host, x.device)
-    if isinstance(cuda_graph, LoopGraphs):
-        whole = (from_noise and mask is None and callback_on_step_end is None and not grad and x.is_cuda
-                 and not any(isinstance(v, torch.Tensor) for k, v in step_kw.items() if k != "generator"))
-        if whole:
-            x = _whole_loop(cuda_graph, scheduler, predict, noise, run, host, device_timesteps, guide, model_kwargs,
-                            step_kw, memory_format)
-            with _progress(progress, run.num_inference_steps) as bar:
-                bar.update(run.num_inference_steps)
-            return x
-        cuda_graph = cuda_graph.step_graphs
     call: Callable[..., torch.Tensor] = functools.partial(model_call, predict)
     graphs = ModelCallGraphs() if cuda_graph is True else cuda_graph or None
     if graphs is not None:

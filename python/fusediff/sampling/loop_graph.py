@@ -42,12 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.cuda_graph import _static_copy, _tensors
+from ..utils.cuda_graph import _EAGER, _copy_in, _first_line, _one_cuda_device, _static_copy, _tensors, freeze
 from .runtime import ModelCallGraphs
 
 logger = logging.getLogger(__name__)
-
-_EAGER = object()  # a signature whose capture failed
 
 
 def generator_kind(generator: Any) -> Any:
@@ -63,22 +61,6 @@ def generators_of(generator: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects among ``generator`` (one, a list, or None)."""
     gens = generator if isinstance(generator, (list, tuple)) else [generator]
     return [g for g in gens if isinstance(g, torch.Generator)]
-
-
-def freeze(value: Any) -> Any:
-    """A hashable stand-in for ``value``: a tensor's geometry, dtype and device (not its data), containers
-    element by element, a hashable value as it is, anything else by type and identity."""
-    if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.stride(), value.dtype, value.device)
-    if isinstance(value, dict):
-        return ("D", tuple((k, freeze(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(freeze(v) for v in value))
-    try:
-        hash(value)
-    except TypeError:
-        return ("id", type(value).__qualname__, id(value))
-    return value
 
 
 def scheduler_signature(scheduler: Any) -> tuple:
@@ -172,9 +154,7 @@ class LoopGraphs:
                     vars(scheduler).update(saved)
                 return body(*args)
         else:
-            for static, value in zip(entry.inputs, _tensors(args)):
-                if static.data_ptr() != value.data_ptr():
-                    static.copy_(value)
+            _copy_in(entry.inputs, _tensors(args))
         entry.replay([g for g in generators if g.device.type == "cuda"])
         return entry.output.clone()
 
@@ -184,12 +164,9 @@ class LoopGraphs:
         return _EAGER
 
     def _capture(self, body: Callable[..., torch.Tensor], args: tuple, generators: Sequence[torch.Generator]) -> Any:
-        tensors = _tensors(args)
-        devices = {t.device for t in tensors}
-        if not tensors or any(d.type != "cuda" for d in devices) or len(devices) != 1:
-            where = ", ".join(sorted(str(d) for d in devices)) or "no tensors"
-            return self._fallback(f"its tensors must all be on one CUDA device; got {where}")
-        device = next(iter(devices))
+        device = _one_cuda_device(_tensors(args))
+        if isinstance(device, str):
+            return self._fallback(device)
         static = _static_copy(args)
         # a failed capture may have drawn numbers already: put every generator back as it was
         cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state(device)
@@ -210,8 +187,7 @@ class LoopGraphs:
                 torch.cuda.set_rng_state(cuda_state, device)
                 for g, state in own:
                     g.set_state(state)
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                return self._fallback(first)
+                return self._fallback(_first_line(err))
         if not isinstance(output, torch.Tensor):
             return self._fallback(f"the loop returned {type(output).__name__}, not a tensor")
         logger.debug("%s: captured loop signature %d", self.name, len(self._loops) + 1)

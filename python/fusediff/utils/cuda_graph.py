@@ -31,17 +31,47 @@ logger = logging.getLogger(__name__)
 _EAGER = object()  # marks a signature whose capture failed
 
 
+def freeze(value: Any) -> Any:
+    """A hashable stand-in for ``value``: a tensor's geometry, dtype and device (not its data), containers
+    element by element, a hashable value as it is, anything else by type and identity."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.stride(), value.dtype, value.device)
+    if isinstance(value, dict):
+        return ("D", tuple((k, freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(freeze(v) for v in value))
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", type(value).__qualname__, id(value))
+    return value
+
+
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """Hashable key of a call: per tensor its geometry and dtype, per other value the value."""
+    """Hashable key of a call: per tensor its geometry and dtype, per other value the value (:func:`freeze`)."""
+    return freeze((args, dict(sorted(kwargs.items()))))
 
-    def key(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return ("T", tuple(v.shape), v.stride(), v.dtype, v.device)
-        if isinstance(v, (list, tuple)):
-            return (type(v).__name__, tuple(key(x) for x in v))
-        return ("V", v)
 
-    return tuple(key(a) for a in args) + tuple((k, key(v)) for k, v in sorted(kwargs.items()))
+def _one_cuda_device(tensors: list[torch.Tensor]) -> torch.device | str:
+    """The one CUDA device of ``tensors``, or why there is none (a fallback's reason)."""
+    devices = {t.device for t in tensors}
+    if not tensors or any(d.type != "cuda" for d in devices) or len(devices) != 1:
+        where = ", ".join(sorted(str(d) for d in devices)) or "no tensors"
+        return f"its tensors must all be on one CUDA device; got {where}"
+    return next(iter(devices))
+
+
+def _copy_in(statics: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """A replay's inputs into the graph's static tensors (skipped where they are the same memory)."""
+    for static, value in zip(statics, values):
+        if static.data_ptr() != value.data_ptr():
+            static.copy_(value)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _tensors(values: Any) -> list[torch.Tensor]:
@@ -119,9 +149,7 @@ class CUDAGraphCallable:
             return entry.outputs  # _capture replayed the graph once on copies of these inputs
         if entry is _EAGER:
             return self.fn(*args, **kwargs)
-        for static, value in zip(entry.inputs, _tensors((args, kwargs))):
-            if static.data_ptr() != value.data_ptr():
-                static.copy_(value)
+        _copy_in(entry.inputs, _tensors((args, kwargs)))
         entry.graph.replay()
         return entry.outputs
 
@@ -131,12 +159,9 @@ class CUDAGraphCallable:
         return _EAGER
 
     def _capture(self, args: tuple, kwargs: dict) -> Any:
-        tensors = _tensors((args, kwargs))
-        devices = {t.device for t in tensors}
-        if not tensors or any(d.type != "cuda" for d in devices) or len(devices) != 1:
-            where = ", ".join(sorted(str(d) for d in devices)) or "no tensors"
-            return self._fallback(f"inputs must all be on one CUDA device; got {where}")
-        device = next(iter(devices))
+        device = _one_cuda_device(_tensors((args, kwargs)))
+        if isinstance(device, str):
+            return self._fallback(device)
         static_args, static_kwargs = _static_copy(args), _static_copy(kwargs)
         with torch.cuda.device(device):
             side = torch.cuda.Stream()
@@ -153,8 +178,7 @@ class CUDAGraphCallable:
                     outputs = self.fn(*static_args, **static_kwargs)
             except RuntimeError as err:  # e.g. a host sync or a CPU tensor inside fn
                 torch.cuda.synchronize(device)
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                return self._fallback(first)
+                return self._fallback(_first_line(err))
         graph.replay()  # the capture only recorded: produce this call's outputs
         logger.debug("%s: captured a CUDA graph for signature %d", self.name, len(self._entries) + 1)
         return _Entry(graph, static_args, static_kwargs, outputs)
