@@ -1,4 +1,5 @@
-"""Shared test settings: the gpu marker skips where CUDA is absent; hypothesis stays quick."""
+"""Shared test settings: the gpu marker skips where CUDA is absent; GPU tiers (support/gpu_tiers.py);
+hypothesis stays quick."""
 
 import sys
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+
+from support import gpu_tiers
 
 # The source folder kernels/ (installed as fusediff.kernels) must not be importable as a top-level
 # "kernels": transformers and diffusers probe for the Hugging Face package of that name and would
@@ -19,7 +22,17 @@ settings.register_profile("fusediff", max_examples=40, deadline=None, derandomiz
 settings.load_profile("fusediff")
 
 
+def pytest_addoption(parser):
+    gpu_tiers.add_options(parser)
+
+
+def pytest_configure(config):
+    if config.getoption("--gpu-durations"):
+        config.pluginmanager.register(gpu_tiers.DurationRecorder(config.getoption("--gpu-durations")))
+
+
 def pytest_collection_modifyitems(config, items):
+    gpu_tiers.select(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
