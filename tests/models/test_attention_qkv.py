@@ -101,3 +101,21 @@ def test_cuda_default_stacks_and_matches_three(monkeypatch, dtype):
     print(f"{dtype}: max |stacked - three| = {diff:.3e}")
     tol = 1e-2 if dtype == torch.float16 else 5e-2
     torch.testing.assert_close(fused, unfused, rtol=tol, atol=tol)
+
+
+def test_a_capture_stacks_anew_and_leaves_the_cache_alone(monkeypatch):
+    """Inside a CUDA-graph capture the stacking is recorded into the graph, so that a replay reads weights
+    changed in place after the capture; the eager cache is neither read nor replaced there."""
+    attn = _attn(bias=True)
+    x = torch.randn(2, 7, 32)
+    monkeypatch.setattr(A, "FUSED_QKV_DEVICES", ("cpu",))
+    with torch.no_grad():
+        attn(x)
+        cached = attn._qkv_cache
+        monkeypatch.setattr(A, "_capturing", lambda device: True)
+        calls = []
+        real_cat = torch.cat
+        monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+        attn(x)
+    assert calls, "a capture must record the stacking, not reuse the eager copy"
+    assert attn._qkv_cache is cached, "a capture must not replace the eager cache with graph memory"

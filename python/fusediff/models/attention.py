@@ -26,7 +26,10 @@ Self-attention on a CUDA device projects q, k and v with one matmul of h by the 
 [W_q; W_k; W_v] (one launch instead of three; q, k and v are strided views of its output, which the
 attention kernel reads in place). The stacked weight is built once and kept while the three weights are
 unchanged (no autograd: their data pointers and version counters are compared); with gradients it is
-stacked at every call, so gradients reach to_q, to_k and to_v as before. Each output element is the
+stacked at every call, so gradients reach to_q, to_k and to_v as before, and a CUDA graph stacks it in
+each replay (one copy of the three weights per self-attention per replay), so a replay
+sees weights changed in place after the capture. Weights written through ``.data`` bump no version
+counter: call ``attention._qkv_cache = None`` (or use in-place ops under ``torch.no_grad()``) after such writes. Each output element is the
 same dot product, but the matmul library may block a wider product differently, so on CUDA q, k and v
 can differ from three separate matmuls in the last bits; CPU tensors take the three matmuls, and the
 weights keep diffusers' names on disk.
@@ -49,6 +52,11 @@ from .normalization import GroupNorm
 
 
 FUSED_QKV_DEVICES = ("cuda",)  # device types where self-attention projects q, k and v with one matmul
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being recorded into a CUDA graph now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class Attention(nn.Module):
@@ -104,7 +112,10 @@ class Attention(nn.Module):
         layers = (self.to_q, self.to_k, self.to_v)
         params = [m.weight for m in layers] + ([m.bias for m in layers] if self.to_q.bias is not None else [])
         n = len(layers)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        # stacked anew under autograd, under torch.compile and inside a CUDA-graph capture: a replay must read
+        # the weights as they are then (changed in place or not), not a copy made when the graph was recorded
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)) \
+                or _capturing(params[0].device):
             return torch.cat(params[:n]), (torch.cat(params[n:]) if len(params) > n else None)
         # the parameters themselves are kept with the key, so their ids cannot be reused while it is held
         key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
