@@ -272,7 +272,7 @@ def test_cross_attention_blocks_match_diffusers():
     with torch.no_grad():
         assert_close(ours_mid(h, temb, encoder_hidden_states=c), theirs_mid(h, temb, encoder_hidden_states=c), "mid")
 
-    for factory, kind in ((get_down_block, "SimpleCrossAttnDownBlock2D"), (get_up_block, "KCrossAttnUpBlock2D")):
+    for factory, kind in ((get_down_block, "KCrossAttnDownBlock2D"), (get_up_block, "KCrossAttnUpBlock2D")):
         with pytest.raises(ValueError, match=f"{kind}.*not supported by fusediff's UNet2DConditionModel"):
             factory(kind, **({"add_downsample": True} if factory is get_down_block else {"add_upsample": True}))
 
@@ -281,17 +281,17 @@ def test_cross_attention_blocks_match_diffusers():
 
 @pytest.mark.parametrize("override, error, match", [
     (dict(addition_embed_type="text_time"), NotImplementedError, "addition_embed_type"),
-    (dict(encoder_hid_dim=32), NotImplementedError, "encoder_hid_dim"),
+    (dict(encoder_hid_dim_type="image_proj", encoder_hid_dim=32), NotImplementedError, "encoder_hid_dim_type"),
     (dict(num_attention_heads=4), NotImplementedError, "num_attention_heads"),
     (dict(dual_cross_attention=True), NotImplementedError, "dual_cross_attention"),
-    (dict(class_embeddings_concat=True), NotImplementedError, "class_embeddings_concat"),
+    (dict(class_embeddings_concat=True), ValueError, "class_embeddings_concat=True needs a class embedding"),
     (dict(timestep_post_act="silu"), NotImplementedError, "timestep_post_act"),
     (dict(attention_type="gated"), NotImplementedError, "attention_type"),
     (dict(class_embed_type="projection"), NotImplementedError, "class_embed_type"),
     (dict(class_embed_type="learned"), ValueError, "class_embed_type"),
     (dict(time_embedding_type="learned"), ValueError, "time_embedding_type"),
-    (dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"), ValueError, "mid_block_type"),
-    (dict(down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D")), ValueError, "SimpleCrossAttnDownBlock2D"),
+    (dict(mid_block_type="UNetMidBlock2DSimple"), ValueError, "mid_block_type"),
+    (dict(down_block_types=("KCrossAttnDownBlock2D", "DownBlock2D")), ValueError, "KCrossAttnDownBlock2D"),
     (dict(up_block_types=("UpBlock2D",)), ValueError, "up_block_types has 1 entries"),
     (dict(block_out_channels=(16, 0)), ValueError, "block_out_channels"),
     (dict(layers_per_block=(1, 1, 1)), ValueError, "layers_per_block"),

@@ -10,9 +10,16 @@
   the above to the width the residual blocks take.
 - :func:`embed_timesteps`: Timesteps, a cast and a SiLU TimestepEmbedding in one fused op
   (:func:`fusediff.kernels.timestep_mlp`) where the kernels run, the two modules otherwise.
+- :class:`TextTimeEmbedding`: a pooled text embedding added to the time embedding (DeepFloyd IF's
+  ``addition_embed_type="text"``): LayerNorm, :class:`AttentionPooling`, Linear, LayerNorm. The
+  pooling is the attention pooling of CLIP's ResNet image encoder (Radford et al. 2021,
+  arXiv:2103.00020, Sec. 2.4), which GLIDE (Nichol et al. 2021, arXiv:2112.10741, Sec. 4) and
+  IF apply to the text tokens: one query, the mean token plus a learned position, attends over
+  [mean; tokens]; the pooled vector is the multi-head output of that query (no output projection).
+  Its attention runs :func:`fusediff.kernels.attention`, its LayerNorms :func:`fusediff.kernels.layer_norm`.
 
-Parameter names match diffusers' (``linear_1``, ``linear_2``, ``weight``), so checkpoints load
-in both libraries.
+Parameter names match diffusers' (``linear_1``, ``linear_2``, ``weight``; ``norm1``, ``pool``,
+``proj``, ``norm2``), so checkpoints load in both libraries.
 """
 
 from __future__ import annotations
@@ -140,3 +147,64 @@ def embed_timesteps(time_proj: Timesteps, mlp: TimestepEmbedding, timesteps: tor
                                     time_proj.downscale_freq_shift, time_proj.scale, 10000,
                                     lin1.weight, lin1.bias, lin2.weight, lin2.bias)
     return mlp(time_proj(timesteps).to(dtype=dtype))
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+
+class AttentionPooling(nn.Module):
+    """Multi-head attention pooling (B, L, C) -> (B, C): the query is mean(tokens) + a learned position.
+
+    Args:
+        num_heads: heads; must divide ``embed_dim``.
+        embed_dim: C, the token width.
+    """
+
+    def __init__(self, num_heads: int, embed_dim: int) -> None:
+        super().__init__()
+        if num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"AttentionPooling: {num_heads} heads must divide the token width {embed_dim} "
+                             "(addition_embed_type_num_heads must divide the text embedding width)")
+        # created in diffusers' order (position, then k, q, v), so a seeded initialisation matches it
+        self.positional_embedding = nn.Parameter(torch.randn(1, embed_dim) / embed_dim**0.5)  # (1, C)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.num_heads = num_heads
+        self.dim_per_head = embed_dim // num_heads
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape  # (B, L, C)
+        return x.view(batch, length, self.num_heads, self.dim_per_head).transpose(1, 2)  # (B, heads, L, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, C)
+        batch, _, width = x.shape
+        query_token = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)  # (B, 1, C)
+        tokens = torch.cat([query_token, x], dim=1)  # (B, L + 1, C)
+        q = self._heads(self.q_proj(query_token))  # (B, heads, 1, D)
+        k, v = self._heads(self.k_proj(tokens)), self._heads(self.v_proj(tokens))  # (B, heads, L + 1, D)
+        pooled = kernels.attention(q, k, v)  # softmax(q k^T / sqrt(D)) v, in float32: (B, heads, 1, D)
+        return pooled.reshape(batch, width)  # heads merged: (B, C)
+
+
+class TextTimeEmbedding(nn.Module):
+    """Text tokens (B, L, encoder_dim) -> (B, time_embed_dim): ``norm2(proj(pool(norm1(tokens))))``.
+
+    Args:
+        encoder_dim: width of the text tokens.
+        time_embed_dim: width of the UNet's time embedding, which the result is added to.
+        num_heads: heads of the attention pooling; must divide ``encoder_dim``.
+    """
+
+    def __init__(self, encoder_dim: int, time_embed_dim: int, num_heads: int = 64) -> None:
+        super().__init__()
+        self.encoder_dim = encoder_dim
+        self.norm1 = nn.LayerNorm(encoder_dim)
+        self.pool = AttentionPooling(num_heads, encoder_dim)
+        self.proj = nn.Linear(encoder_dim, time_embed_dim)
+        self.norm2 = nn.LayerNorm(time_embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, L, encoder_dim) -> (B, time_embed_dim)
+        pooled = self.pool(_layer_norm(self.norm1, hidden_states))  # (B, encoder_dim)
+        return _layer_norm(self.norm2, self.proj(pooled))

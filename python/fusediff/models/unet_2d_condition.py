@@ -1,6 +1,9 @@
-"""UNet2DConditionModel: the text-conditioned latent UNet of Stable Diffusion 1.x/2.x and LDM text-to-image.
+"""UNet2DConditionModel: the text-conditioned UNet of Stable Diffusion 1.x/2.x, LDM and DeepFloyd IF (stages I, II).
 
-    emb    = MLP(embed(t) [+ W timestep_cond]) [+ class embedding]   (B, 4 C_0)
+    emb    = MLP(embed(t) [+ W timestep_cond]) [+ class embedding]   (B, 4 C_0); the class embedding
+             concatenated instead with class_embeddings_concat       (B, 8 C_0)
+    emb    = act(emb [+ TextTimeEmbedding(c)])                       pooled text, act optional
+    c      = W_hid c                                                 with encoder_hid_dim (text_proj)
     h      = conv_in(z)                                              (B, C_0, H, W)
     h, ... = down blocks (kept outputs), mid block, up blocks (concat kept outputs), each
              cross-attention block attending to the context c         c: (B, L, cross_attention_dim)
@@ -14,19 +17,30 @@ GroupNorm(+SiLU), both attentions and the timestep embedding run through
 :mod:`fusediff.kernels`; the sinusoidal embedding and its MLP run as one fused op
 (``timestep_mlp``) where its kernels run, as in :class:`~fusediff.models.UNet2DModel`.
 
+DeepFloyd IF's pixel-space UNets (an Imagen-style cascade, Saharia et al. 2022, arXiv:2205.11487,
+built on GLIDE's ADM UNet, Nichol et al. 2021, arXiv:2112.10741) use the same class with other
+keys: Resnet*/SimpleCrossAttn* blocks (residual resampling and added-KV attention,
+:mod:`fusediff.models.unet_2d_simple_blocks`), scale-shift resnets, the T5 context projected by
+``encoder_hid_proj`` and pooled into the time embedding (``addition_embed_type="text"``), and for
+the super-resolution stage the noise level of the low-resolution image as ``class_labels``
+embedded like a timestep (``class_embed_type="timestep"``).
+
 The constructor takes exactly diffusers 0.42.1's ``UNet2DConditionModel`` arguments with the
 same defaults, and the module tree has diffusers' parameter names, so ``config.json`` and the
 weights load in either library. Odd latent sizes work as in diffusers: the up blocks are told the
-size of the skip they meet. Note diffusers' naming quirk, kept for compatibility: the head count
-of each transformer is ``attention_head_dim`` (its head width is channels // heads), and
-``num_attention_heads`` must stay None (diffusers refuses it too).
+size of the skip they meet (except the residual upsamplers of the Resnet*/SimpleCrossAttn* up
+blocks, which double exactly: with them H and W must be multiples of 2^levels, a ValueError
+otherwise, where diffusers fails inside a concatenation). Note diffusers' naming quirk, kept for
+compatibility: the head count of each transformer is ``attention_head_dim`` (its head width is
+channels // heads), and ``num_attention_heads`` must stay None (diffusers refuses it too).
 
 Not supported (NotImplementedError naming the key): the SDXL/Kandinsky conditioning
-(``addition_embed_type``, ``encoder_hid_dim(_type)``), ``class_embed_type`` "projection" and
-"simple_projection", ``class_embeddings_concat``, ``timestep_post_act``, dual cross-attention,
-GLIGEN ``attention_type``; at call time attention masks, ``cross_attention_kwargs``,
-``added_cond_kwargs`` and ControlNet/T2I-Adapter residuals. Block types: see
-:mod:`fusediff.models.unet_2d_condition_blocks`. Gradient checkpointing is not implemented.
+(``addition_embed_type`` other than "text", ``encoder_hid_dim_type`` other than "text_proj"),
+``class_embed_type`` "projection" and "simple_projection", ``cross_attention_norm="layer_norm"``,
+``timestep_post_act``, dual cross-attention, GLIGEN ``attention_type``; at call time attention
+masks, ``cross_attention_kwargs``, ``added_cond_kwargs`` and ControlNet/T2I-Adapter residuals.
+Block types: see :mod:`fusediff.models.unet_2d_condition_blocks`. Gradient checkpointing is not
+implemented.
 """
 
 from __future__ import annotations
@@ -42,7 +56,9 @@ from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
 from .activations import get_activation, is_silu
 from .attention import Attention
-from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, class_embedding, embed_timesteps
+from .attention_added_kv import AddedKVAttention
+from .embeddings import GaussianFourierProjection, TextTimeEmbedding, TimestepEmbedding, Timesteps, class_embedding, \
+    embed_timesteps
 from .normalization import GroupNorm
 from .transformer_2d import refuse_unsupported
 from .unet_2d import UNet2DModel
@@ -69,7 +85,10 @@ class UNet2DConditionModel(ModelMixin):
         down_block_types, up_block_types, mid_block_type: block names (see
             :mod:`fusediff.models.unet_2d_condition_blocks`); one down and up block per resolution.
         only_cross_attention: per block (or for all): the transformers' first attention attends to
-            the context too, instead of self-attention.
+            the context too, instead of self-attention; the simple blocks' attention attends to the
+            context only.
+        mid_block_only_cross_attention: ``only_cross_attention`` of the simple mid block; when None,
+            ``only_cross_attention`` if that is a single bool, else False.
         block_out_channels: width at each resolution, highest resolution first.
         layers_per_block: resnets per down block, per block or for all (up blocks get one more).
         downsample_padding: padding of the stride-2 downsampling convs (0: pad bottom/right).
@@ -80,7 +99,22 @@ class UNet2DConditionModel(ModelMixin):
         transformer_layers_per_block: BasicTransformerBlocks per transformer, per block (an int or
             a list per layer) or for all; ``reverse_transformer_layers_per_block`` gives the up
             blocks' when the entries are lists.
-        attention_head_dim: the transformers' HEAD COUNT, per block or for all (diffusers' quirk).
+        attention_head_dim: the transformers' HEAD COUNT, per block or for all (diffusers' quirk);
+            for the simple blocks the head WIDTH (up block i takes entry i, not n - 1 - i, as in diffusers).
+        encoder_hid_dim, encoder_hid_dim_type: a Linear ``encoder_hid_proj`` from the context's
+            width ``encoder_hid_dim`` to ``cross_attention_dim`` (type ``"text_proj"``, also recorded
+            when the type is None and the dim is set, as diffusers does).
+        addition_embed_type, addition_embed_type_num_heads: ``"text"``: the context (before
+            ``encoder_hid_proj``) pooled by a :class:`~fusediff.models.embeddings.TextTimeEmbedding`
+            of that many heads and added to the time embedding.
+        cross_attention_norm: None or ``"group_norm"``: the simple blocks' attention normalises the
+            context first (32 groups).
+        resnet_skip_time_act: the Resnet*/SimpleCrossAttn* blocks' resnets project the embedding
+            without applying the activation first.
+        resnet_out_scale_factor: divides the outputs of the Resnet*/SimpleCrossAttn* down and up
+            blocks' resnets.
+        class_embeddings_concat: concatenate the class embedding to the time embedding instead of
+            adding it (the blocks then take an embedding twice as wide).
         use_linear_projection: Linear instead of 1x1 conv projections in the transformers (SD 2.x).
         upcast_attention: diffusers' fp32-attention flag; fusediff's kernel always computes in fp32.
         class_embed_type, num_class_embeds: None (a table of ``num_class_embeds`` vectors, if set),
@@ -92,10 +126,8 @@ class UNet2DConditionModel(ModelMixin):
         time_embedding_act_fn: an activation applied once to the summed embedding.
         time_cond_proj_dim: width of ``timestep_cond``, projected and added to embed(t) (LCM).
         conv_in_kernel, conv_out_kernel: odd kernel sizes of the first and last convs.
-        resnet_skip_time_act, resnet_out_scale_factor, projection_class_embeddings_input_dim,
-        mid_block_only_cross_attention, cross_attention_norm, addition_time_embed_dim,
-        addition_embed_type_num_heads: used only by blocks and embeddings fusediff does not
-            have; recorded (diffusers ignores them for these blocks too).
+        projection_class_embeddings_input_dim, addition_time_embed_dim: used only by embeddings
+            fusediff does not have; recorded (diffusers ignores them too without those embeddings).
     """
 
     @register_to_config
@@ -128,6 +160,11 @@ class UNet2DConditionModel(ModelMixin):
                  cross_attention_norm: str | None = None, addition_embed_type_num_heads: int = 64) -> None:
         super().__init__()
         check_config(self.config)
+        if encoder_hid_dim_type is None and encoder_hid_dim is not None:  # diffusers records the type it implies
+            encoder_hid_dim_type = "text_proj"
+            self.register_to_config(encoder_hid_dim_type=encoder_hid_dim_type)
+        if mid_block_only_cross_attention is None:
+            mid_block_only_cross_attention = only_cross_attention if isinstance(only_cross_attention, bool) else False
         self.sample_size = sample_size
         channels = list(block_out_channels)
         n = len(channels)
@@ -152,12 +189,22 @@ class UNet2DConditionModel(ModelMixin):
         self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn,
                                                            cond_proj_dim=time_cond_proj_dim)
 
+        # the context (B, L, encoder_hid_dim) -> (B, L, cross_attention_dim) before the blocks see it
+        self.encoder_hid_proj = None if encoder_hid_dim is None else nn.Linear(encoder_hid_dim, cross_attention_dim)
         self.class_embedding = class_embedding(class_embed_type, num_class_embeds, timestep_input_dim,
-                                               time_embed_dim, act_fn)  # summed with the time embedding
+                                               time_embed_dim, act_fn)  # summed with (or concatenated to) emb
+        if addition_embed_type == "text":  # pools the context as given, before encoder_hid_proj
+            self.add_embedding = TextTimeEmbedding(encoder_hid_dim or cross_attention_dim, time_embed_dim,
+                                                   num_heads=addition_embed_type_num_heads)
+        else:
+            self.add_embedding = None
         self.time_embed_act = None if time_embedding_act_fn is None else get_activation(time_embedding_act_fn)
 
-        resnet = dict(temb_channels=time_embed_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
-                      resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift, dropout=dropout)
+        blocks_time_embed_dim = 2 * time_embed_dim if class_embeddings_concat else time_embed_dim
+        resnet = dict(temb_channels=blocks_time_embed_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                      resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift, dropout=dropout,
+                      resnet_skip_time_act=resnet_skip_time_act)
+        adm = dict(resnet_out_scale_factor=resnet_out_scale_factor, cross_attention_norm=cross_attention_norm)
         transformer = dict(use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
 
         def at(i: int) -> dict:  # block i's transformer arguments, from the per-block lists
@@ -169,14 +216,17 @@ class UNet2DConditionModel(ModelMixin):
             block_type, num_layers=each["layers_per_block"][i], in_channels=channels[max(i - 1, 0)],
             out_channels=channels[i], add_downsample=i < n - 1, downsample_padding=downsample_padding,
             transformer_layers_per_block=each["transformer_layers_per_block"][i],
-            only_cross_attention=each["only_cross_attention"][i], **at(i), **resnet)
+            only_cross_attention=each["only_cross_attention"][i], attention_head_dim=each["attention_head_dim"][i],
+            **at(i), **resnet, **adm)
             for i, block_type in enumerate(down_block_types)])
         self.up_blocks = nn.ModuleList()  # registered before mid_block: diffusers' state-dict key order
 
         depth = each["transformer_layers_per_block"][-1]
         self.mid_block = get_mid_block(
             mid_block_type, in_channels=channels[-1], output_scale_factor=mid_block_scale_factor,
-            transformer_layers_per_block=depth if is_int(depth) else depth[0], **at(-1), **resnet)
+            transformer_layers_per_block=depth if is_int(depth) else depth[0], **at(-1), **resnet,
+            cross_attention_norm=cross_attention_norm, attention_head_dim=each["attention_head_dim"][-1],
+            only_cross_attention=mid_block_only_cross_attention)
 
         # up block i mirrors down block j = n - 1 - i: channels[j + 1] (+ skips) -> channels[j], then double
         reversed_depths = reverse_transformer_layers_per_block or each["transformer_layers_per_block"][::-1]
@@ -186,8 +236,9 @@ class UNet2DConditionModel(ModelMixin):
             self.up_blocks.append(get_up_block(
                 block_type, num_layers=each["layers_per_block"][j] + 1, in_channels=channels[max(j - 1, 0)],
                 out_channels=channels[j], prev_output_channel=channels[min(j + 1, n - 1)], add_upsample=i < n - 1,
-                transformer_layers_per_block=reversed_depths[i],
-                only_cross_attention=each["only_cross_attention"][j], **at(j), **resnet))
+                transformer_layers_per_block=reversed_depths[i], only_cross_attention=each["only_cross_attention"][j],
+                attention_head_dim=each["attention_head_dim"][i],  # entry i, unreversed: diffusers' indexing
+                **at(j), **resnet, **adm))
 
         # out: GroupNorm and the activation (one op when it is SiLU), then the last conv
         fused = is_silu(act_fn)
@@ -195,9 +246,13 @@ class UNet2DConditionModel(ModelMixin):
         self.conv_act = None if fused else get_activation(act_fn)
         self.conv_out = nn.Conv2d(channels[0], out_channels, kernel_size=conv_out_kernel,
                                   padding=(conv_out_kernel - 1) // 2)
-        # the context width(s) the cross-attentions project from (one, unless the per-block dims differ)
-        self._context_widths = tuple(sorted({m.cross_attention_dim for m in self.modules()
-                                             if isinstance(m, Attention) and m.is_cross_attention}))
+        # the context width(s) the model takes (one, unless the per-block dims differ): encoder_hid_dim, else
+        # those the cross-attentions and the pooled text embedding project from
+        widths = {m.cross_attention_dim for m in self.modules() if isinstance(m, Attention) and m.is_cross_attention}
+        widths |= {m.added_kv_proj_dim for m in self.modules() if isinstance(m, AddedKVAttention)}
+        if self.add_embedding is not None:
+            widths.add(self.add_embedding.encoder_dim)
+        self._context_widths = (encoder_hid_dim,) if encoder_hid_dim is not None else tuple(sorted(widths))
 
     # the class-label embedding is UNet2DModel's (table, "timestep" or "identity")
     _class_embedding = UNet2DModel._class_embedding
@@ -243,9 +298,13 @@ class UNet2DConditionModel(ModelMixin):
         emb = self._time_embedding(timesteps, timestep_cond)
         class_emb = self._class_embedding(class_labels, batch, sample.device)
         if class_emb is not None:
-            emb = emb + class_emb
+            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(encoder_hidden_states)  # (B, time_embed_dim)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
+        if self.encoder_hid_proj is not None:
+            encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)  # (B, L, cross_attention_dim)
         context = {"encoder_hidden_states": encoder_hidden_states}
 
         def cond(block: nn.Module) -> dict:
@@ -289,6 +348,11 @@ class UNet2DConditionModel(ModelMixin):
         if len(shape) != 4 or shape[1] != self.config.in_channels or 0 in shape:
             raise ValueError(f"sample must have shape (B, {self.config.in_channels}, H, W), none of them 0; "
                              f"got {shape}")
+        factor = 2 ** self.num_upsamplers
+        if any(size % factor for size in shape[2:]) and any(getattr(block, "upsample_type", None) == "resnet"
+                                                            for block in self.up_blocks):
+            raise ValueError(f"sample H and W must be multiples of {factor}: the residual upsamplers of the "
+                             f"Resnet*/SimpleCrossAttn* up blocks double exactly; got {shape[2:]}")
         widths = self._context_widths
         if widths and not (isinstance(context, torch.Tensor) and context.dim() == 3 and context.shape[0] == shape[0]
                            and (context.shape[2],) == widths and context.dtype == sample.dtype):

@@ -11,11 +11,16 @@ resnet. The transformer's head count is ``num_attention_heads`` and its head wid
 ``channels // num_attention_heads``, as in diffusers.
 
 Supported block types (diffusers' names; a ``UNetRes`` prefix is accepted and ignored):
-``CrossAttnDownBlock2D``, ``DownBlock2D``; ``CrossAttnUpBlock2D``, ``UpBlock2D``;
-``UNetMidBlock2DCrossAttn``, ``UNetMidBlock2D`` (one resnet, as diffusers builds it here) or None.
-Others (SimpleCrossAttn*, K*, dual cross-attention, GLIGEN) raise ValueError. Module and
-parameter names match diffusers'. :func:`check_config` validates a UNet2DConditionModel config
-before anything is built (DESIGN.md, decision 3): every key it cannot honour is named.
+``CrossAttnDownBlock2D``, ``DownBlock2D``, ``ResnetDownsampleBlock2D``, ``SimpleCrossAttnDownBlock2D``;
+``CrossAttnUpBlock2D``, ``UpBlock2D``, ``ResnetUpsampleBlock2D``, ``SimpleCrossAttnUpBlock2D``;
+``UNetMidBlock2DCrossAttn``, ``UNetMidBlock2DSimpleCrossAttn``, ``UNetMidBlock2D`` (one resnet, as
+diffusers builds it here) or None. The Resnet* and SimpleCrossAttn* blocks (DeepFloyd IF's) live in
+:mod:`fusediff.models.unet_2d_blocks` and :mod:`fusediff.models.unet_2d_simple_blocks`; as in
+diffusers, only they take ``resnet_skip_time_act`` and ``resnet_out_scale_factor`` (the mid block
+only the former), and only the SimpleCrossAttn* blocks ``cross_attention_norm``. Others (K*, dual
+cross-attention, GLIGEN) raise ValueError. Module and parameter names match diffusers'.
+:func:`check_config` validates a UNet2DConditionModel config before anything is built (DESIGN.md,
+decision 3): every key it cannot honour is named.
 """
 
 from __future__ import annotations
@@ -30,18 +35,23 @@ from torch import nn
 from .activations import check_activation
 from .resnet import TIME_EMBEDDING_NORMS
 from .transformer_2d import Transformer2DModel
-from .unet_2d_blocks import DownBlock2D, MakeAttention, UNetMidBlock2D, UpBlock2D, _block_name, _DownBlock, \
-    _MidBlock, _UpBlock
+from .unet_2d_blocks import DownBlock2D, MakeAttention, ResnetDownsampleBlock2D, ResnetUpsampleBlock2D, \
+    UNetMidBlock2D, UpBlock2D, _block_name, _DownBlock, _MidBlock, _UpBlock
 from .unet_2d_checks import is_int, one_of, positive_int, check_levels
+from .unet_2d_simple_blocks import SimpleCrossAttnDownBlock2D, SimpleCrossAttnUpBlock2D, UNetMidBlock2DSimpleCrossAttn
 
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D", "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2DSimpleCrossAttn", "UNetMidBlock2D")
 MODEL = "UNet2DConditionModel"
 # config keys fusediff does not implement, with the value each must keep
-UNSUPPORTED = {"num_attention_heads": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-               "dual_cross_attention": False, "addition_embed_type": None, "class_embeddings_concat": False,
-               "timestep_post_act": None, "attention_type": "default"}
+UNSUPPORTED = {"num_attention_heads": None, "dual_cross_attention": False, "timestep_post_act": None,
+               "attention_type": "default"}
+# values diffusers accepts that fusediff does not implement (NotImplementedError), per key
+UNSUPPORTED_VALUES = {"encoder_hid_dim_type": ("text_image_proj", "image_proj", "ip_image_proj"),
+                      "addition_embed_type": ("text_image", "text_time", "image", "image_hint"),
+                      "class_embed_type": ("projection", "simple_projection"),
+                      "cross_attention_norm": ("layer_norm",)}
 
 
 def _per_layer(value: int | Sequence[int], num_layers: int) -> list[int]:
@@ -164,36 +174,68 @@ def _resnet_args(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in TRANSFORMER_ARGS}
 
 
+def _simple_args(kwargs: dict, attention_head_dim: int | None, cross_attention_norm: str | None) -> dict:
+    """The resnet arguments plus those of the added-KV attention, for the SimpleCrossAttn* blocks."""
+    head_dim = attention_head_dim if attention_head_dim is not None else kwargs["out_channels"]  # diffusers' rule
+    return dict(_resnet_args(kwargs), attention_head_dim=head_dim, cross_attention_norm=cross_attention_norm,
+                cross_attention_dim=kwargs.get("cross_attention_dim", 1280),
+                only_cross_attention=kwargs.get("only_cross_attention", False))
+
+
 def get_down_block(down_block_type: str, *, add_downsample: bool, downsample_padding: int = 1,
+                   resnet_skip_time_act: bool = False, resnet_out_scale_factor: float = 1.0,
+                   cross_attention_norm: str | None = None, attention_head_dim: int | None = None,
                    **kwargs) -> nn.Module:
     """Build the down block named ``down_block_type`` (see :data:`DOWN_BLOCK_TYPES`).
 
     ``kwargs``: the block's resnet arguments (``num_layers``, ``in_channels``, ``out_channels``,
     ``temb_channels``, ``resnet_eps``, ``resnet_act_fn``, ``resnet_groups``,
     ``resnet_time_scale_shift``, ``dropout``) and the :data:`TRANSFORMER_ARGS`, which only the
-    cross-attention block takes.
+    cross-attention block takes (the simple one takes ``cross_attention_dim`` and
+    ``only_cross_attention``). ``attention_head_dim`` is the simple block's head WIDTH
+    (``out_channels`` when None); ``resnet_skip_time_act`` and ``resnet_out_scale_factor`` reach
+    only the Resnet* and SimpleCrossAttn* blocks, ``cross_attention_norm`` only the latter.
     """
     name = _block_name(down_block_type, DOWN_BLOCK_TYPES, "down", MODEL)
+    adm = dict(add_downsample=add_downsample, skip_time_act=resnet_skip_time_act,
+               output_scale_factor=resnet_out_scale_factor)
     if name == "DownBlock2D":
         return DownBlock2D(add_downsample=add_downsample, downsample_padding=downsample_padding,
                            **_resnet_args(kwargs))
+    if name == "ResnetDownsampleBlock2D":
+        return ResnetDownsampleBlock2D(**adm, **_resnet_args(kwargs))
+    if name == "SimpleCrossAttnDownBlock2D":
+        return SimpleCrossAttnDownBlock2D(**adm, **_simple_args(kwargs, attention_head_dim, cross_attention_norm))
     return CrossAttnDownBlock2D(add_downsample=add_downsample, downsample_padding=downsample_padding, **kwargs)
 
 
-def get_up_block(up_block_type: str, *, add_upsample: bool, **kwargs) -> nn.Module:
-    """Build the up block named ``up_block_type`` (see :data:`UP_BLOCK_TYPES`); ``kwargs`` as for get_down_block,
+def get_up_block(up_block_type: str, *, add_upsample: bool, resnet_skip_time_act: bool = False,
+                 resnet_out_scale_factor: float = 1.0, cross_attention_norm: str | None = None,
+                 attention_head_dim: int | None = None, **kwargs) -> nn.Module:
+    """Build the up block named ``up_block_type`` (see :data:`UP_BLOCK_TYPES`); arguments as for get_down_block,
     plus ``prev_output_channel``."""
     name = _block_name(up_block_type, UP_BLOCK_TYPES, "up", MODEL)
+    adm = dict(add_upsample=add_upsample, skip_time_act=resnet_skip_time_act,
+               output_scale_factor=resnet_out_scale_factor)
     if name == "UpBlock2D":
         return UpBlock2D(add_upsample=add_upsample, **_resnet_args(kwargs))
+    if name == "ResnetUpsampleBlock2D":
+        return ResnetUpsampleBlock2D(**adm, **_resnet_args(kwargs))
+    if name == "SimpleCrossAttnUpBlock2D":
+        return SimpleCrossAttnUpBlock2D(**adm, **_simple_args(kwargs, attention_head_dim, cross_attention_norm))
     return CrossAttnUpBlock2D(add_upsample=add_upsample, **kwargs)
 
 
-def get_mid_block(mid_block_type: str | None, **kwargs) -> nn.Module | None:
+def get_mid_block(mid_block_type: str | None, *, resnet_skip_time_act: bool = False,
+                  cross_attention_norm: str | None = None, attention_head_dim: int = 1,
+                  only_cross_attention: bool = False, **kwargs) -> nn.Module | None:
     """Build the mid block named ``mid_block_type`` (see :data:`MID_BLOCK_TYPES`), or None for None.
 
     ``kwargs``: ``in_channels``, ``temb_channels``, the resnet arguments, ``output_scale_factor``
-    and the :data:`TRANSFORMER_ARGS` except ``only_cross_attention``.
+    and the :data:`TRANSFORMER_ARGS` except ``only_cross_attention``, which (with
+    ``resnet_skip_time_act``, ``cross_attention_norm`` and the head width ``attention_head_dim``)
+    only the simple cross-attention mid block takes: its value is the UNet's
+    ``mid_block_only_cross_attention``.
     """
     if mid_block_type is None:
         return None
@@ -202,6 +244,12 @@ def get_mid_block(mid_block_type: str | None, **kwargs) -> nn.Module | None:
                          f"(supported: {', '.join(MID_BLOCK_TYPES)} or None)")
     if mid_block_type == "UNetMidBlock2D":  # diffusers' conditional UNet builds it as a single resnet
         return UNetMidBlock2D(num_layers=0, add_attention=False, **_resnet_args(kwargs))
+    if mid_block_type == "UNetMidBlock2DSimpleCrossAttn":
+        return UNetMidBlock2DSimpleCrossAttn(
+            skip_time_act=resnet_skip_time_act, cross_attention_norm=cross_attention_norm,
+            attention_head_dim=attention_head_dim, only_cross_attention=only_cross_attention,
+            cross_attention_dim=kwargs.get("cross_attention_dim", 1280),
+            **_resnet_args(kwargs))
     return UNetMidBlock2DCrossAttn(**kwargs)
 
 
@@ -227,16 +275,32 @@ def check_config(config: Mapping[str, Any]) -> None:
         if config[key] != neutral:
             raise NotImplementedError(f"{MODEL}: {key}={config[key]!r} is not supported by fusediff "
                                       f"(it must be {neutral!r})")
-    if config["class_embed_type"] in ("projection", "simple_projection"):
-        raise NotImplementedError(f"{MODEL}: class_embed_type={config['class_embed_type']!r} is not supported")
+    for key, values in UNSUPPORTED_VALUES.items():
+        if config[key] in values:
+            raise NotImplementedError(f"{MODEL}: {key}={config[key]!r} is not supported by fusediff")
     one_of(config, "class_embed_type", (None, "timestep", "identity"))
+    one_of(config, "encoder_hid_dim_type", (None, "text_proj"))
+    one_of(config, "addition_embed_type", (None, "text"))
+    one_of(config, "cross_attention_norm", (None, "group_norm"))
     one_of(config, "time_embedding_type", ("positional", "fourier"))
     one_of(config, "resnet_time_scale_shift", TIME_EMBEDDING_NORMS)
     one_of(config, "mid_block_type", (None, *MID_BLOCK_TYPES))
     for key in ("in_channels", "out_channels", "norm_num_groups"):
         positive_int(config, key)
-    for key in ("time_embedding_dim", "time_cond_proj_dim", "num_class_embeds"):
+    for key in ("time_embedding_dim", "time_cond_proj_dim", "num_class_embeds", "encoder_hid_dim"):
         positive_int(config, key, optional=True)
+    positive_int(config, "addition_embed_type_num_heads")
+    for key in ("resnet_skip_time_act", "class_embeddings_concat"):
+        if not isinstance(config[key], bool):
+            raise ValueError(f"{key} must be a bool; got {config[key]!r}")
+    if not (config["mid_block_only_cross_attention"] is None or isinstance(config["mid_block_only_cross_attention"],
+                                                                         bool)):
+        raise ValueError(f"mid_block_only_cross_attention must be a bool or None; got "
+                         f"{config['mid_block_only_cross_attention']!r}")
+    for key in ("resnet_out_scale_factor", "mid_block_scale_factor"):
+        if isinstance(config[key], bool) or not isinstance(config[key], numbers.Real) or not config[key] > 0:
+            raise ValueError(f"{key} must be a number > 0 (it divides the resnets' outputs); got {config[key]!r}")
+    _check_conditioning(config)
     channels = check_levels(config, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, MODEL)
     n = len(channels)
     for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim"):
@@ -260,3 +324,29 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1]; got {config['dropout']!r}")
     if not isinstance(config["norm_eps"], numbers.Real) or not config["norm_eps"] >= 0:
         raise ValueError(f"norm_eps must be a float >= 0; got {config['norm_eps']!r}")
+
+
+def _check_conditioning(config: Mapping[str, Any]) -> None:
+    """The text projection, the pooled text embedding and the class-embedding concatenation fit together."""
+    hid_dim, cross = config["encoder_hid_dim"], config["cross_attention_dim"]
+    if config["encoder_hid_dim_type"] is not None and hid_dim is None:
+        raise ValueError(f"encoder_hid_dim_type={config['encoder_hid_dim_type']!r} needs encoder_hid_dim")
+    if hid_dim is not None and not is_int(cross):
+        raise ValueError("encoder_hid_dim projects the context to cross_attention_dim, which must then be one int; "
+                         f"got {cross!r}")
+    if config["addition_embed_type"] == "text":
+        width = hid_dim if hid_dim is not None else cross  # the width of the tokens it pools
+        heads = config["addition_embed_type_num_heads"]
+        if not is_int(width):
+            raise ValueError("addition_embed_type='text' pools tokens of width cross_attention_dim (no "
+                             f"encoder_hid_dim), which must then be one int; got {width!r}")
+        if width % heads:
+            raise ValueError(f"addition_embed_type_num_heads={heads} must divide the width {width} of the text "
+                             "tokens it pools (encoder_hid_dim, else cross_attention_dim)")
+    if config["class_embeddings_concat"]:
+        if config["class_embed_type"] is None and config["num_class_embeds"] is None:
+            raise ValueError("class_embeddings_concat=True needs a class embedding (class_embed_type or "
+                             "num_class_embeds): the blocks take a time embedding twice as wide")
+        if config["addition_embed_type"] is not None:
+            raise ValueError("class_embeddings_concat=True doubles the time embedding, which "
+                             f"addition_embed_type={config['addition_embed_type']!r} cannot be added to")
