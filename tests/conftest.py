@@ -27,8 +27,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if config.getoption("--gpu-durations"):
-        config.pluginmanager.register(gpu_tiers.DurationRecorder(config.getoption("--gpu-durations")))
+    gpu_tiers.configure(config)
 
 
 def pytest_collection_modifyitems(config, items):

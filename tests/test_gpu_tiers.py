@@ -28,6 +28,17 @@ def test_smoke_keeps_the_first_parametrization_of_each_function():
     assert gpu_tiers.smoke(ids) == [0, 2, 3]
 
 
+def test_smoke_takes_the_quickest_recorded_parametrization():
+    ids = ["a.py::t1[big]", "a.py::t1[small]", "a.py::t1[new]", "a.py::t2[x]", "a.py::t2[y]"]
+    assert gpu_tiers.smoke(ids, {"a.py::t1[big]": 9.0, "a.py::t1[small]": 0.5, "a.py::t2[y]": 1.0}) == [1, 4]
+
+
+def test_examples_are_capped_only_in_the_smoke_tier(monkeypatch):
+    assert gpu_tiers.examples(25) == 25
+    monkeypatch.setattr(gpu_tiers, "_SMOKE", True)
+    assert gpu_tiers.examples(25) == 4 and gpu_tiers.examples(2) == 2
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 def test_parts_cover_every_test_once_in_order_and_balance_time(n):
     rng = random.Random(n)

@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.spy import record_calls
+from support.gpu_tiers import examples
 from support.tolerance import assert_within_ref_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -131,7 +132,7 @@ def test_every_config_of_the_tuning_space(bd, dtype, cfg):
         raise
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(b=st.integers(1, 3), h=st.integers(1, 8), sq=st.integers(1, 700), sk=st.integers(1, 700),
        d=st.integers(1, 256), dtype=st.sampled_from([torch.float32, *LOW]), scale=st.floats(-2.0, 2.0),
        layout=st.sampled_from(["bhsd", "bshd"]), pick=st.integers(0, 100), seed=st.integers(0, 2**31 - 1))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from support.gpu_tiers import examples
 from support.tolerance import assert_within_ref_error
 
 from fusediff import UNet2DModel
@@ -65,7 +66,7 @@ def test_unet_shapes(shape, num_groups, dtype, channels_last, plan):
     check(x, num_groups, w, b, "silu", f"{shape} G={num_groups} {dtype} channels_last={channels_last} {plan}", plan)
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(batch=st.integers(1, 3), groups=st.integers(1, 33), per_group=st.integers(1, 17),
        spatial=st.lists(st.integers(1, 70), min_size=0, max_size=3), dtype=st.sampled_from(DTYPES),
        channels_last=st.booleans(), activation=st.sampled_from([None, "silu"]), seed=st.integers(0, 2**31 - 1),

@@ -2,8 +2,10 @@
 
 The whole GPU suite takes longer than one call on the device machine, so it runs in tiers:
 
-- ``smoke``: the first parametrization of every GPU test function (every fused op, every model
-  family, every runtime path once). Meant to fit in four minutes on one H100.
+- ``smoke``: one parametrization of every GPU test function (every fused op, every model family,
+  every runtime path once): the quickest recorded one, else the first; hypothesis tests draw at most 4
+  examples (``examples(n)`` for tests that set their own ``max_examples``). Meant to fit in four
+  minutes on one H100.
 - ``K/N`` (1 <= K <= N): part K of the GPU tests cut into N parts of about equal expected time. The
   cut keeps collection order (a module's tests stay together except at a cut, so module fixtures
   are built at most twice) and weighs each test by its duration in ``tests/gpu_durations.json``
@@ -48,15 +50,26 @@ def function_id(nodeid: str) -> str:
     return nodeid.split("[", 1)[0]
 
 
-def smoke(nodeids: Sequence[str]) -> list[int]:
-    """Indices of the first parametrization of each test function, in order."""
-    seen, keep = set(), []
+def smoke(nodeids: Sequence[str], durations: dict[str, float] | None = None) -> list[int]:
+    """Indices of one parametrization of each test function, in order: the quickest one in ``durations``
+    where any of them has a recorded time, else the first."""
+    durations = durations or {}
+    best: dict[str, int] = {}
     for i, nodeid in enumerate(nodeids):
         f = function_id(nodeid)
-        if f not in seen:
-            seen.add(f)
-            keep.append(i)
-    return keep
+        if f not in best:
+            best[f] = i
+        elif nodeid in durations and durations[nodeid] < durations.get(nodeids[best[f]], float("inf")):
+            best[f] = i
+    return sorted(best.values())
+
+
+_SMOKE = False
+
+
+def examples(n: int) -> int:
+    """A hypothesis test's ``max_examples``: ``n``, or at most 4 in the smoke tier (set before collection)."""
+    return min(n, 4) if _SMOKE else n
 
 
 def part(weights: Sequence[float], k: int, n: int) -> list[int]:
@@ -90,6 +103,18 @@ def weights_for(nodeids: Sequence[str], durations: dict[str, float]) -> list[flo
     return [durations.get(nodeid, default) for nodeid in nodeids]
 
 
+def configure(config) -> None:
+    """Before collection: the smoke tier's hypothesis budget; the duration recorder when asked for."""
+    global _SMOKE
+    _SMOKE = config.getoption("--gpu-tier") == "smoke"
+    if _SMOKE:
+        from hypothesis import settings
+        settings.register_profile("fusediff-smoke", parent=settings.get_profile("fusediff"), max_examples=4)
+        settings.load_profile("fusediff-smoke")
+    if config.getoption("--gpu-durations"):
+        config.pluginmanager.register(DurationRecorder(config.getoption("--gpu-durations")))
+
+
 def select(config, items: list) -> None:
     """Keep only the items of the requested tier (in place); the rest are reported as deselected."""
     tier = config.getoption("--gpu-tier")
@@ -102,7 +127,8 @@ def select(config, items: list) -> None:
         raise pytest.UsageError(str(exc)) from None
     gpu = [it for it in items if "gpu" in it.keywords]
     ids = [it.nodeid for it in gpu]
-    idx = smoke(ids) if which is None else part(weights_for(ids, load_durations()), *which)
+    durations = load_durations()
+    idx = smoke(ids, durations) if which is None else part(weights_for(ids, durations), *which)
     chosen = {id(gpu[i]) for i in idx}
     config.hook.pytest_deselected(items=[it for it in items if id(it) not in chosen])
     items[:] = [it for it in items if id(it) in chosen]
