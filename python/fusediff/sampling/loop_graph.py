@@ -182,6 +182,7 @@ class LoopGraphs:
                 with torch.cuda.graph(graph, pool=self._pool):
                     output = body(*static)
             except RuntimeError as err:
+                logger.debug("%s: loop capture failed", self.name, exc_info=True)
                 torch.cuda.synchronize(device)
                 torch.set_rng_state(cpu_state)
                 torch.cuda.set_rng_state(cuda_state, device)

@@ -177,6 +177,7 @@ class CUDAGraphCallable:
                 with torch.cuda.graph(graph, pool=self._pool):
                     outputs = self.fn(*static_args, **static_kwargs)
             except RuntimeError as err:  # e.g. a host sync or a CPU tensor inside fn
+                logger.debug("%s: capture failed", self.name, exc_info=True)
                 torch.cuda.synchronize(device)
                 return self._fallback(_first_line(err))
         graph.replay()  # the capture only recorded: produce this call's outputs
