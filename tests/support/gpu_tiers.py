@@ -147,7 +147,7 @@ class DurationRecorder:
         self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + float(report.duration)
 
     def pytest_sessionfinish(self) -> None:
-        merged = load_durations(self.path) if self.path.is_file() else {}
+        merged = load_durations(self.path)
         merged.update({k: round(v, 3) for k, v in self.seconds.items() if k not in self.skipped})
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=0) + "\n")

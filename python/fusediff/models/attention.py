@@ -41,6 +41,7 @@ Older checkpoints (written for diffusers' since-removed ``AttentionBlock``) name
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,20 @@ from .normalization import GroupNorm
 
 
 FUSED_QKV_DEVICES = ("cuda",)  # device types where self-attention projects q, k and v with one matmul
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, heads * D) -> (B, heads, S, D), a view."""
+    batch, seq, width = x.shape
+    return x.view(batch, seq, heads, width // heads).transpose(1, 2)
+
+
+def check_context(owner: str, context: Any, batch: int, width: int) -> None:
+    """ValueError unless ``context`` is a (batch, L, width) tensor."""
+    if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != batch \
+            or context.shape[2] != width:
+        got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"{owner}: encoder_hidden_states must have shape ({batch}, L, {width}); got {got}")
 
 
 def _capturing(device: torch.device) -> bool:
@@ -102,10 +117,6 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, channels, bias=out_bias), nn.Dropout(dropout)])
         self._qkv_cache: tuple | None = None  # (key, stacked weight, stacked bias, params): see _stacked_qkv
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape  # (B, S, heads * D)
-        return x.view(batch, seq, self.heads, self.dim_head).transpose(1, 2)  # (B, heads, S, D)
-
     def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[W_q; W_k; W_v] (3 * inner, C) and the stacked biases (or None): kept between calls while no
         gradient is recorded and the three projections are unchanged, else stacked anew."""
@@ -130,13 +141,6 @@ class Attention(nn.Module):
         return (h.device.type in FUSED_QKV_DEVICES and self.cross_attention_dim == self.channels
                 and (self.to_q.bias is None) == (self.to_k.bias is None) == (self.to_v.bias is None))
 
-    def _check_context(self, context: torch.Tensor, batch: int) -> None:
-        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != batch \
-                or context.shape[2] != self.cross_attention_dim:
-            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise ValueError(f"Attention: encoder_hidden_states must have shape ({batch}, L, "
-                             f"{self.cross_attention_dim}); got {got}")
-
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         # (B, C, H, W) or (B, S, C), context (B, L, C_ctx) or None -> the input's shape
         residual = hidden_states
@@ -156,16 +160,16 @@ class Attention(nn.Module):
                                  f"{self.cross_attention_dim}")
             context = h
         else:
-            self._check_context(encoder_hidden_states, batch)
+            check_context("Attention", encoder_hidden_states, batch, self.cross_attention_dim)
             context = encoder_hidden_states  # (B, L, C_ctx)
         if context is h and self._fuse_qkv(h):
             weight, bias = self._stacked_qkv()
             qkv = F.linear(h, weight, bias).view(batch, seq, 3, self.heads, self.dim_head)  # (B, S, 3, heads, D)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, heads, S, D) strided views
         else:
-            q = self._split_heads(self.to_q(h))  # (B, heads, S, D)
-            k = self._split_heads(self.to_k(context))  # (B, heads, L, D)
-            v = self._split_heads(self.to_v(context))
+            q = split_heads(self.to_q(h), self.heads)  # (B, heads, S, D)
+            k = split_heads(self.to_k(context), self.heads)  # (B, heads, L, D)
+            v = split_heads(self.to_v(context), self.heads)
         o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
         o = o.transpose(1, 2).reshape(batch, seq, self.heads * self.dim_head)  # (B, S, heads * D), a view
         out = self.to_out[1](self.to_out[0](o))  # (B, S, C)

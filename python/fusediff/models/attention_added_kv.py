@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .attention import check_context, split_heads
 from .normalization import GroupNorm
 
 CROSS_ATTENTION_NORMS = (None, "group_norm")
@@ -76,31 +77,20 @@ class AddedKVAttention(nn.Module):
         self.add_v_proj = nn.Linear(added_kv_proj_dim, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(dropout)])
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape  # (B, S, C)
-        return x.view(batch, seq, self.heads, self.dim_head).transpose(1, 2)  # (B, heads, S, D)
-
-    def _check_context(self, context: torch.Tensor | None, batch: int) -> None:
-        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != batch \
-                or context.shape[2] != self.added_kv_proj_dim:
-            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise ValueError(f"AddedKVAttention: encoder_hidden_states must have shape ({batch}, L, "
-                             f"{self.added_kv_proj_dim}); got {got}")
-
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states (B, C, H, W), encoder_hidden_states (B, L, C_ctx) -> (B, C, H, W)
         batch, channels, height, width = hidden_states.shape
-        self._check_context(encoder_hidden_states, batch)
+        check_context("AddedKVAttention", encoder_hidden_states, batch, self.added_kv_proj_dim)
         context = encoder_hidden_states
         if self.norm_cross is not None:
             context = self.norm_cross(context.transpose(1, 2)).transpose(1, 2)  # normed over C_ctx: (B, L, C_ctx)
         h = self.group_norm(hidden_states).reshape(batch, channels, height * width).transpose(1, 2)  # (B, S, C)
-        q = self._split_heads(self.to_q(h))  # (B, heads, S, D)
-        k = self._split_heads(self.add_k_proj(context))  # (B, heads, L, D)
-        v = self._split_heads(self.add_v_proj(context))
+        q = split_heads(self.to_q(h), self.heads)  # (B, heads, S, D)
+        k = split_heads(self.add_k_proj(context), self.heads)  # (B, heads, L, D)
+        v = split_heads(self.add_v_proj(context), self.heads)
         if not self.only_cross_attention:
-            k = torch.cat([k, self._split_heads(self.to_k(h))], dim=2)  # (B, heads, L + S, D)
-            v = torch.cat([v, self._split_heads(self.to_v(h))], dim=2)
+            k = torch.cat([k, split_heads(self.to_k(h), self.heads)], dim=2)  # (B, heads, L + S, D)
+            v = torch.cat([v, split_heads(self.to_v(h), self.heads)], dim=2)
         o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
         o = o.transpose(1, 2).reshape(batch, height * width, channels)  # (B, S, C), a view
         out = self.to_out[1](self.to_out[0](o))  # (B, S, C)

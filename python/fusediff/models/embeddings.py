@@ -31,6 +31,8 @@ from torch import nn
 
 from .. import kernels
 from .activations import get_activation
+from .attention import split_heads
+from .normalization import layer_norm
 
 
 class Timesteps(nn.Module):
@@ -149,10 +151,6 @@ def embed_timesteps(time_proj: Timesteps, mlp: TimestepEmbedding, timesteps: tor
     return mlp(time_proj(timesteps).to(dtype=dtype))
 
 
-def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
-
-
 class AttentionPooling(nn.Module):
     """Multi-head attention pooling (B, L, C) -> (B, C): the query is mean(tokens) + a learned position.
 
@@ -172,18 +170,14 @@ class AttentionPooling(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.num_heads = num_heads
-        self.dim_per_head = embed_dim // num_heads
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape  # (B, L, C)
-        return x.view(batch, length, self.num_heads, self.dim_per_head).transpose(1, 2)  # (B, heads, L, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, C)
         batch, _, width = x.shape
         query_token = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)  # (B, 1, C)
         tokens = torch.cat([query_token, x], dim=1)  # (B, L + 1, C)
-        q = self._heads(self.q_proj(query_token))  # (B, heads, 1, D)
-        k, v = self._heads(self.k_proj(tokens)), self._heads(self.v_proj(tokens))  # (B, heads, L + 1, D)
+        q = split_heads(self.q_proj(query_token), self.num_heads)  # (B, heads, 1, D)
+        k = split_heads(self.k_proj(tokens), self.num_heads)  # (B, heads, L + 1, D)
+        v = split_heads(self.v_proj(tokens), self.num_heads)
         pooled = kernels.attention(q, k, v)  # softmax(q k^T / sqrt(D)) v, in float32: (B, heads, 1, D)
         return pooled.reshape(batch, width)  # heads merged: (B, C)
 
@@ -206,5 +200,5 @@ class TextTimeEmbedding(nn.Module):
         self.norm2 = nn.LayerNorm(time_embed_dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, L, encoder_dim) -> (B, time_embed_dim)
-        pooled = self.pool(_layer_norm(self.norm1, hidden_states))  # (B, encoder_dim)
-        return _layer_norm(self.norm2, self.proj(pooled))
+        pooled = self.pool(layer_norm(self.norm1, hidden_states))  # (B, encoder_dim)
+        return layer_norm(self.norm2, self.proj(pooled))

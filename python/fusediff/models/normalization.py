@@ -6,6 +6,7 @@ a SiLU, so :class:`GroupNorm` takes ``activation="silu"`` and does both in one c
 :func:`fusediff.kernels.group_norm`. It subclasses :class:`torch.nn.GroupNorm`, so it keeps
 that module's ``weight``/``bias`` parameters and state-dict names and loads the same
 checkpoints. Without an activation it computes what ``torch.nn.GroupNorm`` does.
+:func:`layer_norm` runs a ``torch.nn.LayerNorm``'s parameters through the fused LayerNorm op.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import torch
 from torch import nn
 
 from .. import kernels
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """``norm(x)``, or with ``residual`` (norm(x + residual), x + residual), by :func:`fusediff.kernels.layer_norm`."""
+    return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)
 
 
 class GroupNorm(nn.GroupNorm):

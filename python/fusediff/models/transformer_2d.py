@@ -34,14 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
 from ..configuration import register_to_config
 from ..modeling import ModelMixin
 from ..utils.outputs import BaseOutput
 from .attention import Attention
 from .feed_forward import FeedForward
 from .layout import memory_format_of
-from .normalization import GroupNorm
+from .normalization import GroupNorm, layer_norm
 
 
 def refuse_unsupported(owner: str, **inputs: Any) -> None:
@@ -50,11 +49,6 @@ def refuse_unsupported(owner: str, **inputs: Any) -> None:
         if value is not None and not (isinstance(value, dict) and not value):
             what = f"keys {sorted(value)}" if isinstance(value, dict) else f"a {type(value).__name__}"
             raise NotImplementedError(f"{owner}: {name} is not supported by fusediff (got {what}); pass None")
-
-
-def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None = None):
-    """``norm(x)``, or with ``residual`` (norm(x + residual), x + residual), by fusediff.kernels.layer_norm."""
-    return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)
 
 
 @dataclasses.dataclass
@@ -110,11 +104,11 @@ class BasicTransformerBlock(nn.Module):
         # (B, S, dim), context (B, L, cross_attention_dim) -> (B, S, dim)
         context = encoder_hidden_states if self.only_cross_attention else None
         h = hidden_states
-        out = self.attn1(_layer_norm(self.norm1, h), context)
+        out = self.attn1(layer_norm(self.norm1, h), context)
         if self.attn2 is not None:
-            normed, h = _layer_norm(self.norm2, out, residual=h)  # h = out + h; normed = norm2(h)
+            normed, h = layer_norm(self.norm2, out, residual=h)  # h = out + h; normed = norm2(h)
             out = self.attn2(normed, encoder_hidden_states)
-        normed, h = _layer_norm(self.norm3, out, residual=h)
+        normed, h = layer_norm(self.norm3, out, residual=h)
         return self.ff(normed) + h
 
 
