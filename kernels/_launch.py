@@ -232,23 +232,28 @@ class CachedKernel:
         return sum(v is not None for v in self._variants.values())
 
 
-_SCRATCH: dict[tuple[int, int, str], torch.Tensor] = {}
+_SCRATCH: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def scratch(like: torch.Tensor, name: str, numel: int) -> torch.Tensor:
     """A float32 buffer of at least ``numel`` elements on ``like``'s device, for temporaries that one call's
     kernels write and read (never returned to the caller).
 
-    On CUDA it is kept per (device, stream, name) and reused by the next call: kernels on one stream run in
-    order, so a call never overwrites what an earlier call's kernels still read. Under CUDA-graph capture a
-    fresh buffer is allocated (it belongs to the graph's pool; a kept one could be replaced and freed while
-    the graph still points at it). A buffer is replaced by a larger one when a call needs more, and kept
-    until the process ends (at most what the largest call needed).
+    On CUDA, on the device's default stream, it is kept per (device, name) and reused by the next call:
+    kernels on one stream run in order, so a call never overwrites what an earlier call's kernels still read.
+    On any other stream, and under CUDA-graph capture, a fresh buffer comes from the caching allocator: the
+    warm-up and capture of CUDA graphs (ours, ``torch.cuda.graph``'s recipe, and torch.compile's
+    ``mode="reduce-overhead"``, which checks that nothing outlives a recording in its memory pool) run on a
+    side stream whose allocations may belong to a graph's pool, where a kept buffer must not stay. A buffer
+    is replaced by a larger one when a call needs more, and kept until the process ends (at most what the
+    largest call needed).
     """
-    if not like.is_cuda or torch.cuda.is_current_stream_capturing():
+    if not like.is_cuda:
         return torch.empty(numel, dtype=torch.float32, device=like.device)
     device = like.get_device()
-    key = (device, torch._C._cuda_getCurrentRawStream(device), name)
+    if torch._C._cuda_getCurrentRawStream(device) != 0 or torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=like.device)
+    key = (device, name)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         buf = _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=like.device)

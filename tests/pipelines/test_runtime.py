@@ -154,3 +154,35 @@ def test_cuda_graph_callable_checks_its_arguments():
         out = graphed(torch.ones(3))
     torch.testing.assert_close(out, torch.sin(torch.ones(3)))
     assert graphed.num_graphs == 0
+
+
+def test_capture_pauses_the_garbage_collector(monkeypatch):
+    import contextlib
+    import gc
+
+    from fusediff.utils import cuda_graph
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None):
+        seen.append(("enter", gc.isenabled(), graph, pool))
+        yield
+        seen.append(("exit", gc.isenabled()))
+
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    assert gc.isenabled()
+    with cuda_graph.capture("g", "p"):
+        inside = gc.isenabled()
+    with pytest.raises(RuntimeError, match="boom"), cuda_graph.capture("g"):
+        raise RuntimeError("boom")
+    print(seen)
+    assert not inside and gc.isenabled()
+    assert seen[0] == ("enter", False, "g", "p") and seen[1] == ("exit", False) and seen[2][:2] == ("enter", False)
+    gc.disable()  # a caller that had it off keeps it off
+    try:
+        with cuda_graph.capture("g"):
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..utils.cuda_graph import capture
+
+
 def do_bench_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of one call of ``fn`` on the GPU, L2 cleared before each call."""
     import triton.testing
@@ -62,7 +65,7 @@ def graph_rotating_ms(fn: Callable[..., object], make_inputs: Callable[[], tuple
             fn(*inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capture(graph):
         for k in range(calls):
             fn(*sets[k % nsets])
     graph.replay()

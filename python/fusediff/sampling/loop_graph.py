@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.cuda_graph import _EAGER, _copy_in, _first_line, _one_cuda_device, _static_copy, _tensors, freeze
+from ..utils.cuda_graph import _EAGER, _copy_in, _first_line, _one_cuda_device, _static_copy, _tensors, capture, freeze
 from .runtime import ModelCallGraphs
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class LoopGraphs:
                 for g in generators:
                     if g.device.type == "cuda":
                         graph.register_generator_state(g)
-                with torch.cuda.graph(graph, pool=self._pool):
+                with capture(graph, self._pool):
                     output = body(*static)
             except RuntimeError as err:
                 logger.debug("%s: loop capture failed", self.name, exc_info=True)

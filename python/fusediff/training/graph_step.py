@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..utils.cuda_graph import capture
+
 
 class CUDAGraphTrainStep:
     """``loss = step(*batch)``: forward, backward and optimizer step of ``loss_fn`` replayed from a CUDA graph.
@@ -170,7 +172,7 @@ class CUDAGraphTrainStep:
         graph = torch.cuda.CUDAGraph()
         for g in self.generators:
             graph.register_generator_state(g)
-        with torch.cuda.graph(graph):
+        with capture(graph):
             self._loss = self.eager_step(*self._inputs)
         self._graph = graph
 

@@ -19,9 +19,11 @@ Limits:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,6 +31,26 @@ import torch
 logger = logging.getLogger(__name__)
 
 _EAGER = object()  # marks a signature whose capture failed
+
+
+@contextlib.contextmanager
+def capture(graph: torch.cuda.CUDAGraph, pool: Any = None) -> Iterator[None]:
+    """``torch.cuda.graph(graph, pool=pool)`` with Python's cyclic garbage collector paused.
+
+    A collection that runs while the stream is capturing may free an unreachable cycle that holds an
+    earlier ``CUDAGraph`` (a pipeline dropped by its user); its destructor calls ``cudaGraphExecDestroy``,
+    which is not permitted during a capture, and the capture fails ("operation failed due to a previous
+    error during capture"). PyTorch no longer collects before a capture (``force_cudagraph_gc``), so the
+    collector stays off until the capture ends; the garbage is collected later as usual.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def freeze(value: Any) -> Any:
@@ -174,7 +196,7 @@ class CUDAGraphCallable:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
+                with capture(graph, self._pool):
                     outputs = self.fn(*static_args, **static_kwargs)
             except RuntimeError as err:  # e.g. a host sync or a CPU tensor inside fn
                 logger.debug("%s: capture failed", self.name, exc_info=True)
