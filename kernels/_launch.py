@@ -241,19 +241,16 @@ def scratch(like: torch.Tensor, name: str, numel: int) -> torch.Tensor:
 
     On CUDA, on the device's default stream, it is kept per (device, name) and reused by the next call:
     kernels on one stream run in order, so a call never overwrites what an earlier call's kernels still read.
-    On any other stream, and under CUDA-graph capture, a fresh buffer comes from the caching allocator: the
-    warm-up and capture of CUDA graphs (ours, ``torch.cuda.graph``'s recipe, and torch.compile's
-    ``mode="reduce-overhead"``, which checks that nothing outlives a recording in its memory pool) run on a
-    side stream whose allocations may belong to a graph's pool, where a kept buffer must not stay. A buffer
+    On any other stream a fresh buffer comes from the caching allocator: the warm-up and capture of CUDA
+    graphs (ours, ``torch.cuda.graph``'s recipe, and torch.compile's ``mode="reduce-overhead"``, which checks
+    that nothing outlives a recording in its memory pool) run on a side stream whose allocations may belong
+    to a graph's pool, where a kept buffer must not stay (CUDA cannot capture the default stream). A buffer
     is replaced by a larger one when a call needs more, and kept until the process ends (at most what the
     largest call needed).
     """
-    if not like.is_cuda:
+    if not like.is_cuda or torch._C._cuda_getCurrentRawStream(like.get_device()) != 0:
         return torch.empty(numel, dtype=torch.float32, device=like.device)
-    device = like.get_device()
-    if torch._C._cuda_getCurrentRawStream(device) != 0 or torch.cuda.is_current_stream_capturing():
-        return torch.empty(numel, dtype=torch.float32, device=like.device)
-    key = (device, name)
+    key = (like.get_device(), name)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         buf = _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=like.device)

@@ -9,6 +9,8 @@ those would make the host wait for the device. The loop may read the host's own 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
 
 import numpy as np
@@ -19,6 +21,7 @@ from pipelines.tiny_sd import SCHEDULERS, SD_SCHEDULER, UNET, VAE
 
 import fusediff
 from fusediff.sampling import in_layout, loop_timesteps, module_memory_format
+from fusediff.utils import cuda_graph
 
 TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -157,11 +160,6 @@ def test_cuda_graph_callable_checks_its_arguments():
 
 
 def test_capture_pauses_the_garbage_collector(monkeypatch):
-    import contextlib
-    import gc
-
-    from fusediff.utils import cuda_graph
-
     seen = []
 
     @contextlib.contextmanager
