@@ -20,7 +20,7 @@ import contextvars
 import importlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -125,3 +125,80 @@ def use_triton(x: torch.Tensor, dtypes: tuple, tensors, *, backward: bool = Fals
     if x.is_cuda:
         return backend == "fused" or _HAVE_TRITON
     return backend == "fused" and x.is_cpu and _interpreting() and _HAVE_TRITON
+
+
+# --- the ops torch.compile sees: traced into where Triton compiles, opaque elsewhere ---------------------------
+
+_TRACED: contextvars.ContextVar[bool] = contextvars.ContextVar("fusediff_traced_launch", default=False)
+
+
+def traced_launch() -> bool:
+    """Whether the Triton launches now running are being traced into a graph (the body of a :func:`kernel_op`
+    under torch.compile, make_fx or its fake-tensor shape inference): then each launch is recorded as
+    ``torch.library.wrap_triton(kernel)[grid](...)`` and scratch memory comes from ``torch.empty``."""
+    return _TRACED.get()
+
+
+def _wrap_triton_enabled() -> bool:
+    """torch's switch between tracing wrap_triton launches (True) and running the kernel directly, which a
+    triton_op's eager (backend) call turns off."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    return is_wrap_triton_enabled()
+
+
+def _symbolic(values) -> bool:
+    """Whether any argument is symbolic: a SymInt/SymFloat/SymBool, or a tensor with a symbolic size or stride
+    (torch.compile with dynamic shapes)."""
+    sym = (torch.SymInt, torch.SymFloat, torch.SymBool)
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if any(isinstance(d, torch.SymInt) for d in (*v.shape, *v.stride())):
+                return True
+        elif isinstance(v, sym):
+            return True
+    return False
+
+
+def inline_ops() -> bool:
+    """Whether :func:`kernel_op` registers traceable ops (``torch.library.triton_op``): Triton imports and
+    compiles kernels (not its interpreter, whose kernels cannot run on the fake tensors of a trace)."""
+    return _HAVE_TRITON and not _INTERPRET
+
+
+def kernel_op(name: str, fake: Callable) -> Callable[[Callable], object]:
+    """Register ``fn``, whose kernels launch through ``_launch.CachedKernel``, as the op ``name`` (its schema
+    from the annotations; no argument mutated), with ``fake`` computing its outputs' metadata.
+
+    Where :func:`inline_ops`, ``name`` is a ``torch.library.triton_op``: torch.compile traces ``fn`` and records
+    each launch as ``wrap_triton(kernel)[grid](...)``, so Inductor launches the Triton kernels from its own
+    generated code, as it launches its own kernels, with no dispatcher call and no Python launch path per call.
+    With symbolic shapes (``dynamic=True``, or the automatic dynamic shapes of a recompile) the launch
+    arithmetic cannot run on the trace's symbols, and the trace records ``name + "_opaque"`` instead: the same
+    function as a plain custom op that torch.compile calls as an external kernel. Eager calls of either run
+    ``fn`` with direct launches. Elsewhere (no Triton, or TRITON_INTERPRET=1) ``name`` is that plain custom op.
+    Returns the op for ``name`` (``torch.library.register_autograd`` takes it)."""
+
+    def register(fn: Callable) -> object:
+        inline = inline_ops()
+        opaque = torch.library.custom_op(f"{name}_opaque" if inline else name, mutates_args=(),
+                                         device_types=("cpu", "cuda"))(fn)
+        opaque.register_fake(fake)
+        if not inline:
+            return opaque
+
+        @functools.wraps(fn)
+        def body(*args, **kwargs):
+            if not _wrap_triton_enabled():  # an eager call (the triton_op's backend): direct launches
+                return fn(*args, **kwargs)
+            if _symbolic((*args, *kwargs.values())):
+                return opaque(*args, **kwargs)
+            token = _TRACED.set(True)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _TRACED.reset(token)
+
+        return torch.library.triton_op(name, body, mutates_args=())
+
+    return register

@@ -21,6 +21,9 @@ Triton's own path runs instead under TRITON_INTERPRET=1, when a launch hook is i
 such as proton see every launch), for Triton versions whose launcher contract was not checked here
 (3.4 to 3.6 are: ``CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
 enter_hook, exit_hook, *all_params)``), or with ``FUSEDIFF_TRITON_DIRECT_LAUNCH=0`` (read at import).
+
+Inside the body of a traced op (``_backend.kernel_op`` under torch.compile) a launch is recorded as
+``torch.library.wrap_triton(kernel)[grid](*args, **meta)`` instead, for Inductor to launch from its own code.
 """
 
 from __future__ import annotations
@@ -175,7 +178,11 @@ class CachedKernel:
         return tuple(key), values
 
     def launch(self, grid: tuple | Callable, args: Sequence, meta: dict) -> None:
-        """Launch the kernel on the current stream of the tensors' device (the first tensor's)."""
+        """Launch the kernel on the current stream of the tensors' device (the first tensor's); inside a traced
+        op (:func:`_backend.traced_launch`), record the launch for torch.compile instead."""
+        if _backend._TRACED.get():
+            torch.library.wrap_triton(self.kernel)[grid](*args, **meta)
+            return
         device = _device(args) if _DIRECT and not _backend._interpreting() else -1
         if device < 0:  # the interpreter, CPU tensors (Triton's own error), or no direct launch
             self.kernel[grid](*args, **meta)
@@ -246,9 +253,10 @@ def scratch(like: torch.Tensor, name: str, numel: int) -> torch.Tensor:
     that nothing outlives a recording in its memory pool) run on a side stream whose allocations may belong
     to a graph's pool, where a kept buffer must not stay (CUDA cannot capture the default stream). A buffer
     is replaced by a larger one when a call needs more, and kept until the process ends (at most what the
-    largest call needed).
+    largest call needed). In a traced op (torch.compile) it is a fresh ``torch.empty``, which the compiled graph
+    allocates and frees as it does its own buffers.
     """
-    if not like.is_cuda or torch._C._cuda_getCurrentRawStream(like.get_device()) != 0:
+    if _backend._TRACED.get() or not like.is_cuda or torch._C._cuda_getCurrentRawStream(like.get_device()) != 0:
         return torch.empty(numel, dtype=torch.float32, device=like.device)
     key = (like.get_device(), name)
     buf = _SCRATCH.get(key)

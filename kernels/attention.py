@@ -272,7 +272,11 @@ def _sdpa(q, k, v, scale, out_layout):
     return out if in_layout else _empty_out(q, out_layout).copy_(out)
 
 
-@torch.library.custom_op("fusediff::attention", mutates_args=(), device_types=("cpu", "cuda"))
+def _attention_fake(q, k, v, scale, bshd_out=False):
+    return _empty_out(q, "bshd" if bshd_out else "bhsd")  # (B, H, Sq, D) with the real op's strides
+
+
+@_backend.kernel_op("fusediff::attention", _attention_fake)
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  bshd_out: bool = False) -> torch.Tensor:
     """The Triton flash-attention forward as a custom op; inputs validated, any strides, D <= 256.
@@ -287,11 +291,6 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return _kernels().launch(q, k, v, scale, out=out)
 
 
-@attention_op.register_fake
-def _(q, k, v, scale, bshd_out=False):
-    return _empty_out(q, "bshd" if bshd_out else "bhsd")  # (B, H, Sq, D) with the real op's strides
-
-
 def _check_op(name: str, q: torch.Tensor) -> None:
     if q.dtype not in _FUSED_DTYPES:
         raise ValueError(f"fusediff::{name}: q must be float32, float16 or bfloat16; got {q.dtype}")
@@ -299,7 +298,13 @@ def _check_op(name: str, q: torch.Tensor) -> None:
         raise ValueError(f"fusediff::{name}: head size D must be at most {MAX_FUSED_HEAD_DIM}; got {q.shape[3]}")
 
 
-@torch.library.custom_op("fusediff::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _attention_fwd_fake(q, k, v, scale, bshd_out=False):
+    out = _empty_out(q, "bshd" if bshd_out else "bhsd")
+    out_lo = q.new_empty(0) if q.dtype == torch.float32 else torch.empty_like(out)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32), out_lo
+
+
+@_backend.kernel_op("fusediff::attention_fwd", _attention_fwd_fake)
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      bshd_out: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fusediff::attention that also returns lse, float32 (B, H, Sq): each row's log-sum-exp of its logits
@@ -314,14 +319,11 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out, lse, out_lo
 
 
-@attention_fwd_op.register_fake
-def _attention_fwd_fake(q, k, v, scale, bshd_out=False):
-    out = _empty_out(q, "bshd" if bshd_out else "bhsd")
-    out_lo = q.new_empty(0) if q.dtype == torch.float32 else torch.empty_like(out)
-    return out, q.new_empty(q.shape[:3], dtype=torch.float32), out_lo
+def _attention_bwd_fake(dout, q, k, v, out, lse, out_lo, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-@torch.library.custom_op("fusediff::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+@_backend.kernel_op("fusediff::attention_bwd", _attention_bwd_fake)
 def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor, out_lo: torch.Tensor, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -332,11 +334,6 @@ def attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if q.numel() == 0 or k.numel() == 0:  # no queries or no keys: every gradient is zero
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return _backward_kernels().launch(dout, q, k, v, out, lse, scale, out_lo if out_lo.numel() else None)
-
-
-@attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, out_lo, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_attention_fwd(ctx, inputs, output):

@@ -309,8 +309,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
     interpreting = _interpreting()
     if out_lo is not None and (out_lo.dtype != q.dtype or out_lo.shape != out.shape or out_lo.stride() != out.stride()):
         raise ValueError("attention: out_lo must have out's dtype, shape and strides")
-    # placeholder pointers for the outputs not asked for (their constexpr flag keeps them untouched)
-    lse_arg, lo_arg = out if lse is None else lse, out if out_lo is None else out_lo
+    # placeholder pointers for the outputs not asked for (their constexpr flag keeps them untouched): q, which
+    # is only read, so that no output is passed twice (Inductor would see an alias of what the kernel writes)
+    lse_arg, lo_arg = q if lse is None else lse, q if out_lo is None else out_lo
     args = (q, k, v, out, lse_arg, lo_arg, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, sq, sk,
             float(scale) * LOG2E, seq_bucket(sq), seq_bucket(sk))
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), NEG_SCALE=scale < 0,

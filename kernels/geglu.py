@@ -89,7 +89,11 @@ def _layout_ok(x: torch.Tensor) -> bool:
     return x.numel() > 0 and x.stride(-1) == 1 and x.shape[-1] < 2**31
 
 
-@torch.library.custom_op("fusediff::geglu", mutates_args=(), device_types=("cpu", "cuda"))
+def _geglu_fake(x, approximate):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@_backend.kernel_op("fusediff::geglu", _geglu_fake)
 def geglu_op(x: torch.Tensor, approximate: str) -> torch.Tensor:
     """The Triton GEGLU forward as a custom op; x's last dim unit-stride (or x empty)."""
     if x.numel() == 0:
@@ -97,11 +101,6 @@ def geglu_op(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if x.stride(-1) != 1:  # the kernel loads rows of x with unit column stride
         raise ValueError(f"fusediff::geglu: x's last dim must have stride 1; got strides {tuple(x.stride())}")
     return _kernels().launch(x, approximate)
-
-
-@geglu_op.register_fake
-def _(x, approximate):
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
 def _fused(x, approximate):

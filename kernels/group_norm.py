@@ -206,7 +206,11 @@ def _dense_layout(x: torch.Tensor, op: str) -> bool:
     return channels_last
 
 
-@torch.library.custom_op("fusediff::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _group_norm_fake(x, num_groups, weight, bias, eps, silu, add=None):
+    return torch.empty_like(x)
+
+
+@_backend.kernel_op("fusediff::group_norm", _group_norm_fake)
 def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float, silu: bool, add: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton GroupNorm(+SiLU) forward as a custom op; x contiguous or channels-last; ``add`` (B, C)."""
@@ -214,11 +218,6 @@ def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
     if x.numel() == 0:
         return torch.empty_like(x)
     return _kernels().launch(x, num_groups, weight, bias, eps, silu, channels_last, add=add)
-
-
-@group_norm_op.register_fake
-def _(x, num_groups, weight, bias, eps, silu, add=None):
-    return torch.empty_like(x)
 
 
 # --- training: the forward that keeps its statistics, the backward kernels, autograd ----------------
@@ -250,7 +249,12 @@ class _FusedGroupNorm(torch.autograd.Function):
         return (*_grads_out(dx, dw, db, weight, bias, ctx.needs_input_grad), None, None, None, None)
 
 
-@torch.library.custom_op("fusediff::group_norm_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def _group_norm_fwd_fake(x, num_groups, weight, bias, eps, silu):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@_backend.kernel_op("fusediff::group_norm_fwd", _group_norm_fwd_fake)
 def group_norm_fwd_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                       eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton forward for training: y, and each group's float32 mean and rstd, (B, G)."""
@@ -261,13 +265,12 @@ def group_norm_fwd_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | N
     return _kernels().launch(x, num_groups, weight, bias, eps, silu, channels_last, return_stats=True)
 
 
-@group_norm_fwd_op.register_fake
-def _(x, num_groups, weight, bias, eps, silu):
-    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+def _group_norm_bwd_fake(dy, x, mean, rstd, weight, bias, num_groups, silu):
+    dw = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return torch.empty_like(x), dw, torch.empty_like(dw)
 
 
-@torch.library.custom_op("fusediff::group_norm_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+@_backend.kernel_op("fusediff::group_norm_bwd", _group_norm_bwd_fake)
 def group_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                       weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
                       silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,12 +280,6 @@ def group_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rst
         zeros = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
         return torch.zeros_like(x), zeros, zeros.clone()
     return _backward_kernels().launch_backward(dy, x, mean, rstd, weight, bias, num_groups, silu, channels_last)
-
-
-@group_norm_bwd_op.register_fake
-def _(dy, x, mean, rstd, weight, bias, num_groups, silu):
-    dw = x.new_empty((x.shape[1],), dtype=torch.float32)
-    return torch.empty_like(x), dw, torch.empty_like(dw)
 
 
 def _fwd_setup_context(ctx, inputs, output):
