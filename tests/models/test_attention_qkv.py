@@ -1,5 +1,5 @@
 """Self-attention's stacked q/k/v projection (fusediff.models.attention): one matmul by [W_q; W_k; W_v]
-against the three projections, the stacked weight kept while the weights are unchanged and rebuilt when
+(cross-attention's: [W_k; W_v] of the context) against the separate projections, the stacked weight kept while the weights are unchanged and rebuilt when
 they change, and gradients through it. The stacked path runs on CUDA by default; here FUSED_QKV_DEVICES
 is widened to the CPU so that CI runs it."""
 
@@ -76,13 +76,44 @@ def test_gradients_reach_the_three_projections(monkeypatch):
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_cross_attention_keeps_separate_projections(monkeypatch):
+@pytest.mark.parametrize("bias", [False, True])
+def test_cross_attention_stacks_k_and_v(monkeypatch, bias):
+    """Cross-attention: q from h alone, k and v from one matmul of the context by [W_k; W_v] (no q/k/v stack),
+    equal to the separate projections; the stacked weight is rebuilt when a weight changes."""
     torch.manual_seed(0)
-    attn = Attention(32, heads=4, dim_head=8, cross_attention_dim=16).eval()
-    monkeypatch.setattr(A, "FUSED_QKV_DEVICES", ("cpu",))
+    attn = Attention(32, heads=4, dim_head=8, cross_attention_dim=16, bias=bias).eval()
+    x, context = torch.randn(2, 7, 32), torch.randn(2, 5, 16)
     with torch.no_grad():
-        attn(torch.randn(2, 7, 32), torch.randn(2, 5, 16))
-    assert attn._qkv_cache is None
+        monkeypatch.setattr(A, "FUSED_QKV_DEVICES", ())
+        unfused = attn(x, context)
+        assert attn._kv_cache is None
+        monkeypatch.setattr(A, "FUSED_QKV_DEVICES", ("cpu",))
+        fused = attn(x, context)
+        assert attn._qkv_cache is None and attn._kv_cache is not None
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+        first = attn._kv_cache[1]
+        assert first.shape == (2 * 32, 16)
+        attn(x, context)
+        assert attn._kv_cache[1] is first, "unchanged weights: the stacked weight is reused"
+        attn.to_v.weight.mul_(-1)
+        got = attn(x, context)
+        monkeypatch.setattr(A, "FUSED_QKV_DEVICES", ())
+        expected = attn(x, context)
+    assert attn._kv_cache[1] is not first
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_gradients_reach_k_and_v(monkeypatch):
+    x, context = torch.randn(2, 7, 32, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    grads = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        attn = Attention(32, heads=4, dim_head=8, cross_attention_dim=16, bias=True).double().train()
+        monkeypatch.setattr(A, "FUSED_QKV_DEVICES", ("cpu",) if fused else ())
+        attn(x, context).square().sum().backward()
+        grads.append({name: p.grad for name, p in attn.named_parameters() if "to_" in name})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.gpu

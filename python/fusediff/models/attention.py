@@ -24,12 +24,14 @@ No attention mask, no added key/value projections, no q/k norms.
 
 Self-attention on a CUDA device projects q, k and v with one matmul of h by the stacked weights
 [W_q; W_k; W_v] (one launch instead of three; q, k and v are strided views of its output, which the
-attention kernel reads in place). The stacked weight is built once and kept while the three weights are
+attention kernel reads in place); cross-attention projects k and v with one matmul of the context by
+[W_k; W_v] the same way. The stacked weight is built once and kept while the three weights are
 unchanged (no autograd: their data pointers and version counters are compared); with gradients it is
 stacked at every call, so gradients reach to_q, to_k and to_v as before, and a CUDA graph stacks it in
 each replay (one copy of the three weights per self-attention per replay), so a replay
 sees weights changed in place after the capture. Weights written through ``.data`` bump no version
-counter: call ``attention._qkv_cache = None`` (or use in-place ops under ``torch.no_grad()``) after such writes. Each output element is the
+counter: call ``attention._qkv_cache = attention._kv_cache = None`` (or use in-place ops under ``torch.no_grad()``)
+after such writes. Each output element is the
 same dot product, but the matmul library may block a wider product differently, so on CUDA q, k and v
 can differ from three separate matmuls in the last bits; CPU tensors take the three matmuls, and the
 weights keep diffusers' names on disk.
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from .activations import dropout
 from .layout import memory_format_of
 from .normalization import GroupNorm
 
@@ -116,12 +119,13 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(self.cross_attention_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, channels, bias=out_bias), nn.Dropout(dropout)])
         self._qkv_cache: tuple | None = None  # (key, stacked weight, stacked bias, params): see _stacked_qkv
+        self._kv_cache: tuple | None = None  # the same for [W_k; W_v] of a cross-attention
 
-    def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[W_q; W_k; W_v] (3 * inner, C) and the stacked biases (or None): kept between calls while no
-        gradient is recorded and the three projections are unchanged, else stacked anew."""
-        layers = (self.to_q, self.to_k, self.to_v)
-        params = [m.weight for m in layers] + ([m.bias for m in layers] if self.to_q.bias is not None else [])
+    def _stacked(self, layers: tuple[nn.Linear, ...], cache: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weights of ``layers`` stacked ([W_q; W_k; W_v], or [W_k; W_v]) and their stacked biases (or None):
+        kept in the attribute ``cache`` between calls while no gradient is recorded and the layers are
+        unchanged, else stacked anew."""
+        params = [m.weight for m in layers] + ([m.bias for m in layers] if layers[0].bias is not None else [])
         n = len(layers)
         # stacked anew under autograd, under torch.compile and inside a CUDA-graph capture: a replay must read
         # the weights as they are then (changed in place or not), not a copy made when the graph was recorded
@@ -130,16 +134,26 @@ class Attention(nn.Module):
             return torch.cat(params[:n]), (torch.cat(params[n:]) if len(params) > n else None)
         # the parameters themselves are kept with the key, so their ids cannot be reused while it is held
         key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._qkv_cache is None or self._qkv_cache[0] != key:
+        kept = getattr(self, cache)
+        if kept is None or kept[0] != key:
             with torch.no_grad():
                 stacked = (torch.cat(params[:n]), torch.cat(params[n:]) if len(params) > n else None)
-            self._qkv_cache = (key, *stacked, params)
-        return self._qkv_cache[1], self._qkv_cache[2]
+            kept = (key, *stacked, params)
+            setattr(self, cache, kept)
+        return kept[1], kept[2]
+
+    def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[W_q; W_k; W_v] (3 * inner, C) and the stacked biases (or None); see :meth:`_stacked`."""
+        return self._stacked((self.to_q, self.to_k, self.to_v), "_qkv_cache")
 
     def _fuse_qkv(self, h: torch.Tensor) -> bool:
         """Whether q, k, v of this self-attention call come from one matmul (see the module docstring)."""
         return (h.device.type in FUSED_QKV_DEVICES and self.cross_attention_dim == self.channels
                 and (self.to_q.bias is None) == (self.to_k.bias is None) == (self.to_v.bias is None))
+
+    def _fuse_kv(self, context: torch.Tensor) -> bool:
+        """Whether k and v of this cross-attention call come from one matmul of the context."""
+        return context.device.type in FUSED_QKV_DEVICES and (self.to_k.bias is None) == (self.to_v.bias is None)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         # (B, C, H, W) or (B, S, C), context (B, L, C_ctx) or None -> the input's shape
@@ -166,13 +180,18 @@ class Attention(nn.Module):
             weight, bias = self._stacked_qkv()
             qkv = F.linear(h, weight, bias).view(batch, seq, 3, self.heads, self.dim_head)  # (B, S, 3, heads, D)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, heads, S, D) strided views
+        elif context is not h and self._fuse_kv(context):
+            q = split_heads(self.to_q(h), self.heads)  # (B, heads, S, D)
+            weight, bias = self._stacked((self.to_k, self.to_v), "_kv_cache")
+            kv = F.linear(context, weight, bias).view(batch, context.shape[1], 2, self.heads, self.dim_head)
+            k, v = (kv[:, :, i].transpose(1, 2) for i in range(2))  # (B, heads, L, D) strided views
         else:
             q = split_heads(self.to_q(h), self.heads)  # (B, heads, S, D)
             k = split_heads(self.to_k(context), self.heads)  # (B, heads, L, D)
             v = split_heads(self.to_v(context), self.heads)
         o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
         o = o.transpose(1, 2).reshape(batch, seq, self.heads * self.dim_head)  # (B, S, heads * D), a view
-        out = self.to_out[1](self.to_out[0](o))  # (B, S, C)
+        out = dropout(self.to_out[1], self.to_out[0](o))  # (B, S, C)
         if spatial:
             out = out.transpose(1, 2).reshape(residual.shape)  # (B, C, H, W), a view laid out channels-last
             if not self.residual_connection:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .activations import dropout
 from .attention import check_context, split_heads
 from .normalization import GroupNorm
 
@@ -93,5 +94,5 @@ class AddedKVAttention(nn.Module):
             v = torch.cat([v, split_heads(self.to_v(h), self.heads)], dim=2)
         o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
         o = o.transpose(1, 2).reshape(batch, height * width, channels)  # (B, S, C), a view
-        out = self.to_out[1](self.to_out[0](o))  # (B, S, C)
+        out = dropout(self.to_out[1], self.to_out[0](o))  # (B, S, C)
         return hidden_states + out.transpose(1, 2).reshape(hidden_states.shape)  # in the input's layout

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from .activations import dropout
 
 FEED_FORWARD_ACTIVATIONS = ("geglu", "geglu-approximate", "gelu", "gelu-approximate")
 
@@ -106,5 +107,5 @@ class FeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
-            hidden_states = layer(hidden_states)
+            hidden_states = dropout(layer, hidden_states) if isinstance(layer, nn.Dropout) else layer(hidden_states)
         return hidden_states

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import get_activation, is_silu
+from .activations import dropout, get_activation, is_silu
 from .layout import memory_format_of
 from .normalization import GroupNorm
 
@@ -215,7 +215,7 @@ class ResnetBlock2D(nn.Module):
             h = self.norm2(h) * (1 + scale) + shift
             h = self.nonlinearity(h)
 
-        h = self.conv2(self.dropout(h))  # (B, C_out, H', W')
+        h = self.conv2(dropout(self.dropout, h))  # (B, C_out, H', W')
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return (x + h) / self.output_scale_factor
