@@ -53,6 +53,8 @@ from .. import kernels
 from .activations import dropout
 from .layout import memory_format_of
 from .normalization import GroupNorm
+from .stacked import capturing as _capturing
+from .stacked import stack_linears
 
 
 FUSED_QKV_DEVICES = ("cuda",)  # device types where self-attention projects q, k and v with one matmul
@@ -70,11 +72,6 @@ def check_context(owner: str, context: Any, batch: int, width: int) -> None:
             or context.shape[2] != width:
         got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
         raise ValueError(f"{owner}: encoder_hidden_states must have shape ({batch}, L, {width}); got {got}")
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether work on ``device`` is being recorded into a CUDA graph now."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class Attention(nn.Module):
@@ -122,25 +119,12 @@ class Attention(nn.Module):
         self._kv_cache: tuple | None = None  # the same for [W_k; W_v] of a cross-attention
 
     def _stacked(self, layers: tuple[nn.Linear, ...], cache: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weights of ``layers`` stacked ([W_q; W_k; W_v], or [W_k; W_v]) and their stacked biases (or None):
-        kept in the attribute ``cache`` between calls while no gradient is recorded and the layers are
-        unchanged, else stacked anew."""
-        params = [m.weight for m in layers] + ([m.bias for m in layers] if layers[0].bias is not None else [])
-        n = len(layers)
-        # stacked anew under autograd, under torch.compile and inside a CUDA-graph capture: a replay must read
-        # the weights as they are then (changed in place or not), not a copy made when the graph was recorded
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)) \
-                or _capturing(params[0].device):
-            return torch.cat(params[:n]), (torch.cat(params[n:]) if len(params) > n else None)
-        # the parameters themselves are kept with the key, so their ids cannot be reused while it is held
-        key = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
-        kept = getattr(self, cache)
-        if kept is None or kept[0] != key:
-            with torch.no_grad():
-                stacked = (torch.cat(params[:n]), torch.cat(params[n:]) if len(params) > n else None)
-            kept = (key, *stacked, params)
-            setattr(self, cache, kept)
-        return kept[1], kept[2]
+        """The weights of ``layers`` stacked ([W_q; W_k; W_v], or [W_k; W_v]) and their stacked biases (or None),
+        kept in the attribute ``cache`` (:func:`stacked.stack_linears`). Stacked anew under torch.compile and
+        inside a CUDA-graph capture: a replay must read the weights as they are then (changed in place or
+        not), not a copy made when the graph was recorded."""
+        anew = torch.compiler.is_compiling() or _capturing(layers[0].weight.device)
+        return stack_linears(self, cache, layers, anew)
 
     def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[W_q; W_k; W_v] (3 * inner, C) and the stacked biases (or None); see :meth:`_stacked`."""

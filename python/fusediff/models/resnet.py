@@ -26,6 +26,7 @@ from torch import nn
 from .activations import dropout, get_activation, is_silu
 from .layout import memory_format_of
 from .normalization import GroupNorm
+from .time_projections import TimeProjections
 
 TIME_EMBEDDING_NORMS = ("default", "scale_shift")
 # PyTorch's channels-last nearest-neighbour upsampling on CUDA wrote zeros into outputs of 2^31
@@ -189,7 +190,18 @@ class ResnetBlock2D(nn.Module):
         h = norm(h, add=add)
         return h if norm.activation is not None else self.nonlinearity(h)
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+    def _project_time(self, temb: torch.Tensor | TimeProjections) -> torch.Tensor:
+        """time_emb_proj(act(temb)); from the model's stacked matmul when it made one (time_projections.py)."""
+        if isinstance(temb, TimeProjections):
+            projected = temb.of(self)
+            if projected is not None:
+                return projected
+            temb = temb.temb
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        return self.time_emb_proj(temb)
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | TimeProjections | None) -> torch.Tensor:
         # input_tensor (B, C_in, H, W), temb (B, temb_channels) -> (B, C_out, H', W')
         x = input_tensor
         h = self._norm_act(self.norm1, x)  # (B, C_in, H, W)
@@ -200,9 +212,7 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(h)  # (B, C_out, H', W')
 
         if self.time_emb_proj is not None and temb is not None:
-            if not self.skip_time_act:
-                temb = self.nonlinearity(temb)
-            temb = self.time_emb_proj(temb)  # (B, C_out or 2 C_out)
+            temb = self._project_time(temb)  # (B, C_out or 2 C_out)
         else:
             temb = None
 

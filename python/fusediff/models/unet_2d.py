@@ -38,6 +38,7 @@ from .attention import convert_legacy_attention_keys
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, class_embedding, embed_timesteps
 from .normalization import GroupNorm
 from .resnet import TIME_EMBEDDING_NORMS
+from .time_projections import project_time
 from .unet_2d_blocks import DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, UNetMidBlock2D, get_down_block, \
     get_up_block
 from .unet_2d_checks import check_config, check_index_range, timesteps_for_batch
@@ -233,6 +234,7 @@ class UNet2DModel(ModelMixin):
         class_emb = self._class_embedding(class_labels, batch, sample.device)
         if class_emb is not None:
             emb = emb + class_emb
+        emb = project_time(self, emb)  # every ResNet block's time projection in one matmul, where it can be
 
         # 2. down: keep every block output for the skip connections
         h = self.conv_in(sample)  # (B, C_0, H, W)

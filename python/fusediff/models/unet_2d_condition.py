@@ -60,6 +60,7 @@ from .attention_added_kv import AddedKVAttention
 from .embeddings import GaussianFourierProjection, TextTimeEmbedding, TimestepEmbedding, Timesteps, class_embedding, \
     embed_timesteps
 from .normalization import GroupNorm
+from .time_projections import project_time
 from .transformer_2d import refuse_unsupported
 from .unet_2d import UNet2DModel
 from .unet_2d_checks import is_int, timesteps_for_batch
@@ -306,6 +307,7 @@ class UNet2DConditionModel(ModelMixin):
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)  # (B, L, cross_attention_dim)
         context = {"encoder_hidden_states": encoder_hidden_states}
+        emb = project_time(self, emb)  # every ResNet block's time projection in one matmul, where it can be
 
         def cond(block: nn.Module) -> dict:
             return context if getattr(block, "has_cross_attention", False) else {}
