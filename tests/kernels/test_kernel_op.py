@@ -71,3 +71,15 @@ def test_trace_records_the_triton_launch():
     assert "fusediff" not in code, f"the traced graph should hold the kernel, not the op:\n{code}"
     for expected in ("'BLOCK_C': 32", "'BLOCK_S': 64", "'SILU': True", "'WRITE_STATS': False"):
         assert expected in code, f"{expected} missing from the recorded launch:\n{code}"
+
+
+def test_trace_ops_can_be_turned_off():
+    """FUSEDIFF_TRACE_OPS=0 (read at import) keeps every op a plain custom op: no opaque twin is registered."""
+    import subprocess
+    import sys
+
+    code = ("import torch, fusediff.kernels; from fusediff.kernels import _backend; "
+            "print(_backend.inline_ops(), hasattr(torch.ops.fusediff, 'group_norm_opaque'))")
+    env = {**__import__("os").environ, "FUSEDIFF_TRACE_OPS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
