@@ -160,14 +160,16 @@ def _symbolic(values) -> bool:
     return False
 
 
-TRACE_OPS_ENV = "FUSEDIFF_TRACE_OPS"  # "0": every fused op stays opaque to torch.compile (read at import)
-_TRACE_OPS = os.environ.get(TRACE_OPS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+# "1": torch.compile traces the fused ops (triton_op); unset or "0": they stay opaque custom ops (read at import).
+# Opt-in until the traced path has run on a GPU (its tests: tests/kernels/test_inline_ops_cuda.py).
+TRACE_OPS_ENV = "FUSEDIFF_TRACE_OPS"
+_TRACE_OPS = os.environ.get(TRACE_OPS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def inline_ops() -> bool:
     """Whether :func:`kernel_op` registers traceable ops (``torch.library.triton_op``): Triton imports and
     compiles kernels (not its interpreter, whose kernels cannot run on the fake tensors of a trace), and
-    ``FUSEDIFF_TRACE_OPS`` is not 0."""
+    ``FUSEDIFF_TRACE_OPS=1``."""
     return _HAVE_TRITON and not _INTERPRET and _TRACE_OPS
 
 
@@ -181,8 +183,8 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], object]:
     With symbolic shapes (``dynamic=True``, or the automatic dynamic shapes of a recompile) the launch
     arithmetic cannot run on the trace's symbols, and the trace records ``name + "_opaque"`` instead: the same
     function as a plain custom op that torch.compile calls as an external kernel. Eager calls of either run
-    ``fn`` with direct launches. Elsewhere (no Triton, TRITON_INTERPRET=1, or FUSEDIFF_TRACE_OPS=0) ``name`` is
-    that plain custom op.
+    ``fn`` with direct launches. Elsewhere (no Triton, TRITON_INTERPRET=1, or FUSEDIFF_TRACE_OPS unset or 0)
+    ``name`` is that plain custom op.
     Returns the op for ``name`` (``torch.library.register_autograd`` takes it)."""
 
     def register(fn: Callable) -> object:

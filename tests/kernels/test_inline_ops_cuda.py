@@ -1,4 +1,5 @@
-"""Under torch.compile (Inductor) the fused ops are traced into (``_backend.kernel_op``: torch.library.triton_op):
+"""With FUSEDIFF_TRACE_OPS=1, under torch.compile (Inductor) the fused ops are traced into (``_backend.kernel_op``:
+torch.library.triton_op):
 the generated code launches fusediff's Triton kernels itself and calls no ``torch.ops.fusediff`` op, with the
 same results as the eager fused call. With dynamic shapes the graph calls the opaque op instead, with the
 same results too; a compiled training step (forward and backward) matches the eager fused gradients."""
@@ -11,8 +12,10 @@ import torch._dynamo
 from torch._inductor.utils import run_and_get_code
 
 from fusediff import kernels as K
+from fusediff.kernels import _backend
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not _backend.inline_ops(), reason="the traced ops are opt-in: FUSEDIFF_TRACE_OPS=1")]
 
 
 @pytest.fixture(autouse=True)
