@@ -129,14 +129,10 @@ def use_triton(x: torch.Tensor, dtypes: tuple, tensors, *, backward: bool = Fals
 
 # --- the ops torch.compile sees: traced into where Triton compiles, opaque elsewhere ---------------------------
 
+# True while the Triton launches now running are traced into a graph (the body of a :func:`kernel_op` under
+# torch.compile, make_fx or its fake-tensor shape inference): then _launch records each launch as
+# ``torch.library.wrap_triton(kernel)[grid](...)`` and takes scratch memory from ``torch.empty``
 _TRACED: contextvars.ContextVar[bool] = contextvars.ContextVar("fusediff_traced_launch", default=False)
-
-
-def traced_launch() -> bool:
-    """Whether the Triton launches now running are being traced into a graph (the body of a :func:`kernel_op`
-    under torch.compile, make_fx or its fake-tensor shape inference): then each launch is recorded as
-    ``torch.library.wrap_triton(kernel)[grid](...)`` and scratch memory comes from ``torch.empty``."""
-    return _TRACED.get()
 
 
 def _wrap_triton_enabled() -> bool:

@@ -60,6 +60,7 @@ def _direct_supported() -> bool:
 
 
 _DIRECT = _direct_supported()  # decided once, at import
+_TRACEABLE = _backend.inline_ops()  # whether any launch can be traced (else the traced check is skipped)
 
 
 def _hooks_installed() -> bool:
@@ -179,8 +180,8 @@ class CachedKernel:
 
     def launch(self, grid: tuple | Callable, args: Sequence, meta: dict) -> None:
         """Launch the kernel on the current stream of the tensors' device (the first tensor's); inside a traced
-        op (:func:`_backend.traced_launch`), record the launch for torch.compile instead."""
-        if _backend._TRACED.get():
+        op (``_backend.kernel_op`` under torch.compile), record the launch for torch.compile instead."""
+        if _TRACEABLE and _backend._TRACED.get():
             torch.library.wrap_triton(self.kernel)[grid](*args, **meta)
             return
         device = _device(args) if _DIRECT and not _backend._interpreting() else -1
@@ -256,7 +257,8 @@ def scratch(like: torch.Tensor, name: str, numel: int) -> torch.Tensor:
     largest call needed). In a traced op (torch.compile) it is a fresh ``torch.empty``, which the compiled graph
     allocates and frees as it does its own buffers.
     """
-    if _backend._TRACED.get() or not like.is_cuda or torch._C._cuda_getCurrentRawStream(like.get_device()) != 0:
+    traced = _TRACEABLE and _backend._TRACED.get()
+    if traced or not like.is_cuda or torch._C._cuda_getCurrentRawStream(like.get_device()) != 0:
         return torch.empty(numel, dtype=torch.float32, device=like.device)
     key = (like.get_device(), name)
     buf = _SCRATCH.get(key)

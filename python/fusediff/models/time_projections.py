@@ -63,7 +63,7 @@ def project_time(owner: nn.Module, temb: torch.Tensor) -> torch.Tensor | TimePro
     """What ``owner`` (a UNet) passes its blocks as the time embedding: ``temb`` itself, or, where the
     projections are stacked (see the module docstring), a :class:`TimeProjections` of it."""
     if temb.device.type not in STACK_DEVICES or temb.dim() != 2 or torch.compiler.is_compiling() \
-            or capturing(temb.device) or (torch.is_grad_enabled() and temb.requires_grad):
+            or capturing(temb.device):
         return temb
     blocks, ranges = _blocks(owner, temb.shape[1])
     layers = [m.time_emb_proj for m in blocks]
@@ -73,8 +73,9 @@ def project_time(owner: nn.Module, temb: torch.Tensor) -> torch.Tensor | TimePro
         layers = [m.time_emb_proj for m in blocks]
     if len(blocks) < 2:
         return temb
-    if torch.is_grad_enabled() and any(p.requires_grad for m in layers for p in m.parameters()):
-        return temb
+    if torch.is_grad_enabled() and (temb.requires_grad or any(p.requires_grad for m in layers
+                                                               for p in m.parameters())):
+        return temb  # autograd: each block's own projection
     weight, bias = stack_linears(owner, CACHE, layers)
     if weight.dtype != temb.dtype:
         return temb  # the blocks' own matmuls raise the dtype error, as they would without stacking
