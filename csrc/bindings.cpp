@@ -6,8 +6,10 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "scheduler_step.hpp"
@@ -27,9 +29,14 @@ const char* scheduler_step_cuda(const StepArgs&, const StepCoeffs&, const float*
 
 namespace {
 
+// (below, above, weight, max_value) of dynamic thresholding; absent when not thresholding.
+using Threshold = std::optional<std::tuple<int64_t, int64_t, float, float>>;
+
 fusediff::StepArgs make_args(uintptr_t sample, uintptr_t model_output, uintptr_t noise,
                              const std::vector<uintptr_t>& history, uintptr_t out,
-                             uintptr_t pred, int64_t numel, int dtype) {
+                             uintptr_t pred, int64_t numel, int dtype, uintptr_t variance,
+                             int64_t batch, int64_t m_batch_stride, int64_t v_batch_stride,
+                             const Threshold& threshold) {
   if (history.size() > size_t(kMaxHistory))
     throw std::invalid_argument("scheduler_step: at most 4 history tensors, got " +
                                 std::to_string(history.size()));
@@ -37,12 +44,20 @@ fusediff::StepArgs make_args(uintptr_t sample, uintptr_t model_output, uintptr_t
   a.sample = reinterpret_cast<const void*>(sample);
   a.model_output = reinterpret_cast<const void*>(model_output);
   a.noise = reinterpret_cast<const void*>(noise);
+  a.variance = reinterpret_cast<const void*>(variance);
   a.num_history = int(history.size());
   for (size_t j = 0; j < history.size(); ++j) a.history[j] = reinterpret_cast<const void*>(history[j]);
   a.out = reinterpret_cast<void*>(out);
   a.pred = reinterpret_cast<void*>(pred);
   a.numel = numel;
   a.dtype = dtype;
+  a.batch = batch;
+  a.m_batch_stride = m_batch_stride;
+  a.v_batch_stride = v_batch_stride;
+  if (threshold) {
+    a.threshold = true;
+    std::tie(a.rank.below, a.rank.above, a.rank.weight, a.max_value) = *threshold;
+  }
   fusediff::check_args(a);
   return a;
 }
@@ -57,6 +72,8 @@ fusediff::StepCoeffs make_coeffs(const std::array<float, kNumCoeffs>& c) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusediff's compiled kernels (pybind11 over C++/CUDA; no libtorch)";
+  // The Python side checks NUM_COEFFS, so a build from before a change of the coefficient
+  // vector fails clearly instead of misreading it.
   m.attr("NUM_COEFFS") = int(kNumCoeffs);
   m.attr("MAX_HISTORY") = int(kMaxHistory);
   m.def("cuda_built", &fusediff::cuda_built, "Whether the CUDA kernels were compiled in.");
@@ -65,23 +82,33 @@ PYBIND11_MODULE(_C, m) {
       "scheduler_step_cpu",
       [](uintptr_t sample, uintptr_t model_output, uintptr_t noise,
          const std::vector<uintptr_t>& history, uintptr_t out, uintptr_t pred, int64_t numel,
-         int dtype, const std::array<float, kNumCoeffs>& coeffs) {
-        const auto a = make_args(sample, model_output, noise, history, out, pred, numel, dtype);
+         int dtype, const std::array<float, kNumCoeffs>& coeffs, uintptr_t variance, int64_t batch,
+         int64_t m_batch_stride, int64_t v_batch_stride, const Threshold& threshold) {
+        const auto a = make_args(sample, model_output, noise, history, out, pred, numel, dtype,
+                                 variance, batch, m_batch_stride, v_batch_stride, threshold);
         const auto k = make_coeffs(coeffs);
         py::gil_scoped_release release;
         fusediff::scheduler_step_cpu(a, k);
       },
       py::arg("sample"), py::arg("model_output"), py::arg("noise"), py::arg("history"),
       py::arg("out"), py::arg("pred"), py::arg("numel"), py::arg("dtype"), py::arg("coeffs"),
-      "Fused scheduler step over host memory (pointers as integers; 0 for an absent one).");
+      py::arg("variance") = 0, py::arg("batch") = 1, py::arg("m_batch_stride") = -1,
+      py::arg("v_batch_stride") = -1, py::arg("threshold") = py::none(),
+      "Fused scheduler step over host memory (pointers as integers; 0 for an absent one). "
+      "threshold: (below, above, weight, max_value) of dynamic thresholding, or None.");
 
   m.def(
       "scheduler_step_cuda",
       [](uintptr_t sample, uintptr_t model_output, uintptr_t noise,
          const std::vector<uintptr_t>& history, uintptr_t out, uintptr_t pred, int64_t numel,
          int dtype, const std::array<float, kNumCoeffs>& coeffs, uintptr_t coeffs_dev,
-         uintptr_t stream, int device) {
-        const auto a = make_args(sample, model_output, noise, history, out, pred, numel, dtype);
+         uintptr_t stream, int device, uintptr_t variance, int64_t batch, int64_t m_batch_stride,
+         int64_t v_batch_stride, const Threshold& threshold, uintptr_t scale) {
+        auto a = make_args(sample, model_output, noise, history, out, pred, numel, dtype, variance,
+                           batch, m_batch_stride, v_batch_stride, threshold);
+        a.scale = reinterpret_cast<float*>(scale);
+        if (a.threshold && a.numel > 0 && !a.scale)
+          throw std::invalid_argument("scheduler_step: thresholding on CUDA needs a scale buffer");
         const auto k = make_coeffs(coeffs);
         const char* err = fusediff::scheduler_step_cuda(
             a, k, reinterpret_cast<const float*>(coeffs_dev), stream, device);
@@ -89,7 +116,10 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("sample"), py::arg("model_output"), py::arg("noise"), py::arg("history"),
       py::arg("out"), py::arg("pred"), py::arg("numel"), py::arg("dtype"), py::arg("coeffs"),
-      py::arg("coeffs_dev"), py::arg("stream"), py::arg("device"),
+      py::arg("coeffs_dev"), py::arg("stream"), py::arg("device"), py::arg("variance") = 0,
+      py::arg("batch") = 1, py::arg("m_batch_stride") = -1, py::arg("v_batch_stride") = -1,
+      py::arg("threshold") = py::none(), py::arg("scale") = 0,
       "Fused scheduler step launched on a CUDA stream; coefficients from coeffs_dev when it is "
-      "not 0 (device memory), else from coeffs.");
+      "not 0 (device memory), else from coeffs. With threshold, scale is `batch` floats of "
+      "device memory the select kernel writes s into.");
 }

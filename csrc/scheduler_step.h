@@ -4,15 +4,20 @@
 //
 // One formulation covers DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++ 2M and PNDM/PLMS
 // (kernels/scheduler_step_coeffs.py turns each rule into the coefficients below). Per element,
-// with x the sample, m the model output, n the noise and h_j the history:
+// with x the sample, m the model output, n the noise, v the optional variance input and h_j
+// the history:
 //
+//   n   = n * exp(V_A + V_B*v)                only when a variance input is given
 //   x0  = P_X*x + P_M*m + P_N*n              the predicted clean sample
 //   x0  = clamp(x0, -CLIP, CLIP)              only when CLIP > 0 (NaN passes through)
 //   out = C_X*x + C_M*m + C_N*n + C_X0*x0 + sum_j C_H[j]*h_j
 //
-// and x0 (after clipping) is optionally written out, for the multistep history.
+// and x0 (after clipping) is optionally written out, for the multistep history. With dynamic
+// thresholding (Saharia et al. 2022, sec. 2.3) x0 is instead rounded to the tensors' dtype and
+// replaced by t = round(clamp(x0, -s, s) / s), s the per-item scale of threshold_scale().
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -45,7 +50,9 @@ enum Coef : int {
   C_X0 = 6,  // out <- x0 (after clipping)
   C_H0 = 7,  // out <- history[0] .. history[3] at C_H0 .. C_H0 + 3
   CLIP = 11, // clip range for x0; <= 0 disables clipping
-  kNumCoeffs = 12,
+  V_A = 12,  // noise scale exp(V_A + V_B*v), with a variance input v
+  V_B = 13,
+  kNumCoeffs = 14,
 };
 constexpr int kMaxHistory = 4;
 
@@ -56,20 +63,66 @@ struct StepCoeffs {
   float c[kNumCoeffs];
 };
 
-// One element of the update. NH (0..4) is the number of history tensors, fixed at compile
-// time so the history loop unrolls and its registers stay in registers.
+// The noise n scaled by exp(V_A + V_B*v) (a per-element variance input v).
+FD_HD float scaled_noise(const float* c, float n, float v) { return n * expf(FD_FMA(c[V_B], v, c[V_A])); }
+
+// x0 before clipping or thresholding; n already scaled by the variance term.
+FD_HD float x0_element(const float* c, float x, float m, float n) {
+  return FD_FMA(c[P_X], x, FD_FMA(c[P_M], m, c[P_N] * n));
+}
+
+// Written as comparisons so that NaN stays NaN, as torch.clamp does.
+FD_HD float clamp_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// The update from x0 (after clipping or thresholding). NH (0..4) is the number of history
+// tensors, fixed at compile time so the history loop unrolls and stays in registers.
 template <int NH>
-FD_HD float step_element(const float* c, float x, float m, float n, const float* h, float& x0) {
-  x0 = FD_FMA(c[P_X], x, FD_FMA(c[P_M], m, c[P_N] * n));
-  const float r = c[CLIP];
-  if (r > 0.f) {
-    // Written as comparisons so that NaN stays NaN, as torch.clamp does.
-    x0 = x0 < -r ? -r : (x0 > r ? r : x0);
-  }
+FD_HD float out_element(const float* c, float x, float m, float n, float x0, const float* h) {
   float out = FD_FMA(c[C_X], x, FD_FMA(c[C_M], m, FD_FMA(c[C_N], n, c[C_X0] * x0)));
   FD_UNROLL
   for (int j = 0; j < NH; ++j) out = FD_FMA(c[C_H0 + j], h[j], out);
   return out;
+}
+
+// One element of the update without thresholding; x0 (after clipping) is returned in x0.
+template <int NH>
+FD_HD float step_element(const float* c, float x, float m, float n, const float* h, float& x0) {
+  x0 = x0_element(c, x, m, n);
+  const float r = c[CLIP];
+  if (r > 0.f) x0 = clamp_nan(x0, -r, r);
+  return out_element<NH>(c, x, m, n, x0, h);
+}
+
+// Where torch.quantile(values, q) reads its sorted input: rank = q*(n - 1) in fp32, the
+// elements of 0-based ranks `below` = floor(rank) and `above` = ceil(rank), lerp weight
+// rank - below. Computed on the host (kernels/scheduler_step_ext.py) from n and q.
+struct QuantileRank {
+  int64_t below = 0;
+  int64_t above = 0;
+  float weight = 0.f;
+};
+
+// s = clamp(lerp(v_below, v_above, weight), 1, max_value) with torch's lerp as its CUDA and
+// AVX2/AVX-512 CPU kernels compute it: a single fused multiply-add,
+//   weight < 0.5 ? fma(weight, d, v_below) : fma(weight - 1, d, v_above),  d = v_above - v_below
+// (weight - 1 is exact for weight in [0.5, 1)). NaN stays NaN.
+FD_HD float threshold_scale(float v_below, float v_above, float weight, float max_value) {
+  const float d = v_above - v_below;
+#if defined(__CUDA_ARCH__)
+  const float q = weight < 0.5f ? fmaf(weight, d, v_below) : fmaf(weight - 1.f, d, v_above);
+#else
+  const float q = weight < 0.5f ? std::fma(weight, d, v_below) : std::fma(weight - 1.f, d, v_above);
+#endif
+  return clamp_nan(q, 1.f, max_value);
+}
+
+// clamp(x0, -s, s) / s with IEEE division (x0 already rounded to the tensors' dtype).
+FD_HD float threshold_element(float x0, float s) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(clamp_nan(x0, -s, s), s);
+#else
+  return clamp_nan(x0, -s, s) / s;
+#endif
 }
 
 // Host-side conversions for the CPU path (the CUDA path uses cuda_fp16.h / cuda_bf16.h).

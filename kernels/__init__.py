@@ -12,7 +12,7 @@ from .attention import attention, attention_ref
 from .geglu import geglu, geglu_ref
 from .group_norm import group_norm, group_norm_ref
 from .layer_norm import layer_norm, layer_norm_ref
-from .scheduler_step import scheduler_step, scheduler_step_ref
+from .scheduler_step import DynamicThreshold, dynamic_threshold_ref, scheduler_step, scheduler_step_ref
 from .scheduler_step_coeffs import RULES, StepCoeffs, step_coeffs
 from .timestep_embedding import timestep_embedding, timestep_embedding_ref
 from .timestep_mlp import timestep_mlp, timestep_mlp_ref, timestep_mlp_runs_fused
@@ -20,10 +20,12 @@ from . import scheduler_step_ext as _scheduler_step_ext  # noqa: F401  registers
 
 __all__ = [
     "BACKENDS",
+    "DynamicThreshold",
     "RULES",
     "StepCoeffs",
     "attention",
     "attention_ref",
+    "dynamic_threshold_ref",
     "geglu",
     "geglu_ref",
     "get_backend",

@@ -35,6 +35,14 @@ def require(cuda: bool = False) -> ModuleType:
             "the fused kernels need the compiled extension fusediff._C, which failed to import "
             f"({why}); reinstall fusediff with a C++ compiler, or use FUSEDIFF_KERNELS=ref"
         )
+    from .scheduler_step_coeffs import NUM_COEFFS
+
+    if getattr(mod, "NUM_COEFFS", None) != NUM_COEFFS:
+        raise RuntimeError(
+            f"fusediff._C ({getattr(mod, '__file__', '?')}) is from another build of fusediff: it reads "
+            f"{getattr(mod, 'NUM_COEFFS', '?')} step coefficients, this Python code passes {NUM_COEFFS}; "
+            "reinstall fusediff so that the extension and the Python package match, or use FUSEDIFF_KERNELS=ref"
+        )
     if cuda and not mod.cuda_built():
         raise RuntimeError(
             "fusediff._C was built without CUDA (no CUDA compiler at build time); reinstall "

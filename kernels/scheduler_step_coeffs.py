@@ -2,11 +2,13 @@
 
 Every supported update is, per element, the same small formula (csrc/scheduler_step.h):
 
+    n   = n * exp(V_A + V_B*v)                    only with a per-element variance input v
     x0  = P_X*x + P_M*m + P_N*n                  predicted clean sample
-    x0  = clamp(x0, -clip, clip)                  when clip > 0
+    x0  = clamp(x0, -clip, clip)                  when clip > 0 (or dynamic thresholding: an op argument)
     out = C_X*x + C_M*m + C_N*n + C_X0*x0 + sum_j C_H[j]*h_j
 
-with x the sample, m the model output, n the noise and h_j what a rule keeps between steps:
+with x the sample, m the model output, n the noise, v a per-element variance input (DDPM's
+learned_range: :func:`ddpm_learned_range`) and h_j what a rule keeps between steps:
 earlier model outputs (PLMS), earlier x0 predictions (DPM-Solver(++), DEIS), earlier ODE
 derivatives (LMS), or the first stage's sample and x0 (Heun's second stage). UniPC's
 predictor-corrector coefficients are in :mod:`scheduler_step_unipc`. Each function below maps one rule's scalars to a
@@ -15,9 +17,9 @@ a whole table of steps up front. Notation: ``alpha_prod_t`` is the cumulative pr
 alpha-bar_t of DDPM (Ho et al. 2020, eq. 4); ``sigma`` is the noise level of the variance-
 exploding view x = x0 + sigma*eps (Karras et al. 2022), sigma^2 = (1 - alpha-bar)/alpha-bar.
 
-Limits: per-element variances (DDPM's learned variance types) and per-sample dynamic
-thresholding are not coefficients; a scheduler pre-scales the noise, or clips, itself.
-What lives here and what in :mod:`fusediff.schedulers` (tables, timesteps, state, which rule a
+Limits: a per-element noise scale must be exp of an affine function of v (learned_range is;
+DDPM's ``learned``, sigma = sqrt(v), is not, and is folded into the noise by the scheduler).
+Per-sample dynamic thresholding is not a coefficient but an argument of the op. What lives here and what in :mod:`fusediff.schedulers` (tables, timesteps, state, which rule a
 step uses) is set out in that package's docstring.
 """
 
@@ -29,13 +31,13 @@ from typing import NamedTuple
 
 import torch
 
-NUM_COEFFS = 12  # length of the coefficient vector (csrc/scheduler_step.h, kNumCoeffs)
+NUM_COEFFS = 14  # length of the coefficient vector (csrc/scheduler_step.h, kNumCoeffs)
 MAX_HISTORY = 4  # history tensors the fused step reads at most
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 class StepCoeffs(NamedTuple):
-    """Coefficients of one fused update, as the 12-tuple the kernels read (csrc/scheduler_step.h).
+    """Coefficients of one fused update, as the 14-tuple the kernels read (csrc/scheduler_step.h).
 
     Being a tuple, it goes to the kernels as it is; build it with the rule functions below
     or by keyword (unnamed coefficients are 0).
@@ -53,13 +55,15 @@ class StepCoeffs(NamedTuple):
     c_h2: float = 0.0  # out <- history[2]
     c_h3: float = 0.0  # out <- history[3]
     clip: float = 0.0  # clip range of x0; 0 (or less) disables clipping
+    v_a: float = 0.0  # noise scale exp(v_a + v_b*v), used only when the op gets a variance input v
+    v_b: float = 0.0
 
     def as_list(self) -> list[float]:
-        """The 12 coefficients as floats, in the order the kernels read them."""
+        """The 14 coefficients as floats, in the order the kernels read them."""
         return [float(v) for v in self]
 
     def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The coefficients as a float32 tensor of shape (12,), e.g. for a CUDA-graph step."""
+        """The coefficients as a float32 tensor of shape (14,), e.g. for a CUDA-graph step."""
         return torch.tensor(self, dtype=torch.float32, device=device)
 
 
@@ -117,6 +121,21 @@ def ddpm_noise_std(alpha_prod_t: float, alpha_prod_t_prev: float, variance_type:
     if variance_type == "fixed_large":  # beta_t
         return math.sqrt(current_beta_t)
     raise ValueError(f"variance_type must be fixed_small, fixed_small_log or fixed_large; got {variance_type!r}")
+
+
+def learned_range(min_log: float, max_log: float) -> tuple[float, float]:
+    """(v_a, v_b) of the noise scale sigma = exp(v_a + v_b*v) of a log-variance interpolated by v in [-1, 1]
+    (Nichol & Dhariwal 2021, eq. 15): log sigma^2 = f max_log + (1 - f) min_log with f = (v + 1)/2, so
+    log sigma = (max_log + min_log)/4 + (max_log - min_log)/4 * v."""
+    return 0.25 * (max_log + min_log), 0.25 * (max_log - min_log)
+
+
+def ddpm_learned_range(alpha_prod_t: float, alpha_prod_t_prev: float) -> tuple[float, float]:
+    """(v_a, v_b) of DDPM's learned_range noise scale: :func:`learned_range` between log beta-tilde_t
+    (clamped at 1e-20 before its log, as diffusers does) and log beta_t of the step."""
+    current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
+    min_log = math.log(max((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, 1e-20))
+    return learned_range(min_log, math.log(current_beta_t))
 
 
 def ddim(alpha_prod_t: float, alpha_prod_t_prev: float, *, eta: float = 0.0,

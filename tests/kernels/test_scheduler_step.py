@@ -214,7 +214,7 @@ def bad_inputs():
         ("noise shape", dict(sample=x, model_output=m, coeffs=c, noise=torch.randn(3)), ValueError, "noise"),
         ("five history", dict(sample=x, model_output=m, coeffs=c, history=[m] * 5), ValueError, "at most 4"),
         ("history dtype", dict(sample=x, model_output=m, coeffs=c, history=[m.double()]), ValueError, r"history\[0\]"),
-        ("coeff count", dict(sample=x, model_output=m, coeffs=[1.0] * 5), ValueError, "12 values"),
+        ("coeff count", dict(sample=x, model_output=m, coeffs=[1.0] * 12), ValueError, "14 values"),
         ("coeff tensor dtype", dict(sample=x, model_output=m, coeffs=c.to_tensor().double()), ValueError, "float32"),
         ("out shape", dict(sample=x, model_output=m, coeffs=c, out=torch.empty(2, 3)), ValueError, "out"),
         ("out overlaps", dict(sample=x, model_output=m, coeffs=c, out=x.view(-1)[1:].view(-1)[:0]), ValueError, "out"),
@@ -252,7 +252,7 @@ def test_unknown_rule_and_bad_rule_arguments():
 
 def test_extension_rejects_bad_arguments_without_crashing():
     x = torch.randn(8)
-    coeffs = [0.0] * 12
+    coeffs = [0.0] * C.NUM_COEFFS
     base = dict(sample=x.data_ptr(), model_output=x.data_ptr(), noise=0, history=[], out=x.data_ptr(),
                 pred=0, numel=8, dtype=0, coeffs=coeffs)
     for change, match in [(dict(dtype=7), "dtype code"), (dict(numel=-1), "numel"),
@@ -261,4 +261,4 @@ def test_extension_rejects_bad_arguments_without_crashing():
         with pytest.raises(ValueError, match=match):
             C.scheduler_step_cpu(**{**base, **change})
     with pytest.raises(TypeError):
-        C.scheduler_step_cpu(**{**base, "coeffs": [0.0] * 11})
+        C.scheduler_step_cpu(**{**base, "coeffs": [0.0] * (C.NUM_COEFFS - 1)})

@@ -108,7 +108,7 @@ def test_cuda_graph_replays_with_new_coefficients():
     between replays and check each replay against the eager loop with those coefficients."""
     x0 = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.float16)
     m = torch.randn_like(x0)
-    table = torch.zeros(3, 12, device="cuda")
+    table = torch.zeros(3, SC.NUM_COEFFS, device="cuda")
     state = x0.clone()
 
     def loop():

@@ -194,7 +194,7 @@ def test_scheduler_step_compiles(backend):
     g = torch.Generator().manual_seed(2)
     x, m, n, h = (torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
                   for _ in range(4))
-    coeffs = [0.9, -0.4, 0.1, 0.7, 0.2, 0.05, 0.1, 0.03, 0.0, 0.0, 0.0, 1.0]
+    coeffs = [0.9, -0.4, 0.1, 0.7, 0.2, 0.05, 0.1, 0.03, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # 14: v_a, v_b unused
 
     def step(x, m, n, h, c, out):
         prev, x0 = K.scheduler_step(x, m, c, noise=n, history=[h], return_pred=True)

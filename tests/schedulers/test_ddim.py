@@ -133,6 +133,10 @@ def test_outputs_and_one_fused_call_per_step(monkeypatch):
     prev, x0 = sched.step(FakeModel()(x, 901), 901, x, eta=1.0, generator=gen(0), return_dict=False)
     assert torch.equal(prev, out.prev_sample) and torch.equal(x0, out.pred_original_sample)
     assert calls[0] == 2
+    thresholded = DDIMScheduler(thresholding=True)
+    thresholded.set_timesteps(10)
+    thresholded.step(FakeModel()(x, 901), 901, x, eta=1.0, generator=gen(0))
+    assert calls[0] == 3  # dynamic thresholding is inside the one fused call
 
 
 def test_reference_backend_agrees():

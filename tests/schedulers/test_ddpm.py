@@ -16,6 +16,7 @@ from schedulers.parity import (SHAPE, FakeModel, count_fused_calls, gen, noise_d
                                set_all, start_sample, twins)
 from support.tolerance import assert_within_ref_error
 
+from fusediff.kernels import scheduler_step_coeffs as SC
 from fusediff.kernels import use_backend
 from fusediff.schedulers import DDPMScheduler, SchedulerOutput
 
@@ -31,6 +32,10 @@ CONFIGS = {
     "learned-v": dict(variance_type="learned", prediction_type="v_prediction"),
     "threshold-offset": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5, steps_offset=1),
     "threshold-learned_range-sample": dict(thresholding=True, variance_type="learned_range", prediction_type="sample"),
+    "threshold-learned_range-v": dict(thresholding=True, variance_type="learned_range", prediction_type="v_prediction",
+                                      dynamic_thresholding_ratio=0.8, sample_max_value=2.0),
+    "IF-stage-I": dict(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", thresholding=True,
+                       dynamic_thresholding_ratio=0.95, sample_max_value=1.5),  # DeepFloyd IF's scheduler
     "zero_snr-v-trailing": dict(rescale_betas_zero_snr=True, prediction_type="v_prediction",
                                 timestep_spacing="trailing", clip_sample=False),
     "sigmoid": dict(beta_schedule="sigmoid"),
@@ -89,7 +94,7 @@ def test_fixed_large_log_adds_sqrt_beta_noise():
 
 
 @pytest.mark.parametrize("name", ["default", "learned_range", "threshold-offset",
-                                  "cosine-sample-fixed_small_log-linspace"])
+                                  "cosine-sample-fixed_small_log-linspace", "IF-stage-I"])
 def test_float64_matches_diffusers_float64(name):
     """In float64 both libraries compute the same formulas without float32 rounding: equal to ~1e-12."""
     config = CONFIGS[name]
@@ -100,10 +105,15 @@ def test_float64_matches_diffusers_float64(name):
                rtol=1e-11, atol=1e-11, cond=1e-14, slack=False, what=f"DDPM float64 {name}")
 
 
-@pytest.mark.parametrize("config", [{}, dict(variance_type="learned_range", thresholding=True)],
-                         ids=["default", "learned_range-threshold"])
+@pytest.mark.parametrize("config", [{}, dict(variance_type="learned_range", thresholding=True), CONFIGS["IF-stage-I"]],
+                         ids=["default", "learned_range-threshold", "IF-stage-I"])
 def test_half_precision_within_diffusers_error(config):
-    """float16 inputs: ours may be at most twice as far from a float64 run as diffusers' float16 run is."""
+    """float16 inputs: ours may be at most twice as far from a float64 run as diffusers' float16 run is.
+
+    This pins the one deliberate float16 difference: our learned-range noise scale exp(v_a + v_b*v) and
+    the update are computed in float32 and rounded once, where diffusers computes the log-variance, its
+    exp and the sum in float16. x0 and its thresholding are diffusers' own (x0 rounded to float16, the
+    quantile in float32)."""
     ours, lo = DDPMScheduler(**config), diffusers.DDPMScheduler(**config)
     _, exact = twins(diffusers.DDPMScheduler, **config)
     set_all((ours, lo, exact), 10)
@@ -161,23 +171,62 @@ def test_outputs_and_one_fused_call_per_step(monkeypatch):
     assert isinstance(out, SchedulerOutput) and calls[0] == 1
     prev, x0 = sched.step(FakeModel()(x, 800), 800, x, generator=gen(0), return_dict=False)
     assert torch.equal(prev, out.prev_sample) and torch.equal(x0, out.pred_original_sample)
-    thresholded = DDPMScheduler(thresholding=True)
-    thresholded.step(FakeModel()(x, 800), 800, x)
-    assert calls[0] == 4  # thresholding: x0 first, then the update
+    thresholded = DDPMScheduler(thresholding=True, variance_type="learned_range")
+    thresholded.step(FakeModel(variance="learned_range")(x, 800), 800, x, generator=gen(0))
+    assert calls[0] == 3  # thresholding and the learned-range noise scale are inside the one fused call
 
 
-def test_reference_backend_agrees():
-    runs = []
-    for backend in ("fused", "ref"):
-        with use_backend(backend):
-            sched = DDPMScheduler(thresholding=True)
-            sched.set_timesteps(6)
-            x = start_sample()
-            g = gen(2)
-            for t in sched.timesteps:
-                x = sched.step(FakeModel()(x, t), t, x, generator=g).prev_sample
-            runs.append(x)
-    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["threshold-offset", "learned_range", "IF-stage-I"])
+def test_reference_backend_agrees(name, dtype):
+    """The fused C++ step against the PyTorch reference, step by step on the same inputs."""
+    config = CONFIGS[name]
+    model = FakeModel(dtype=dtype, variance=model_for(config).variance)
+    sched = {backend: DDPMScheduler(**config) for backend in ("fused", "ref")}
+    for s in sched.values():
+        s.set_timesteps(6)
+    x = start_sample(dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=2e-3)
+    for t in sched["fused"].timesteps:
+        m = model(x, t)
+        outs = {}
+        for backend, s in sched.items():
+            with use_backend(backend):
+                outs[backend] = s.step(m, t, x, generator=gen(int(t)))
+        for field in ("prev_sample", "pred_original_sample"):
+            a, b = getattr(outs["fused"], field), getattr(outs["ref"], field)
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, **tol, msg=lambda msg: f"{name} t={int(t)} {field}: {msg}")
+        x = outs["fused"].prev_sample
+
+
+@pytest.mark.parametrize("thresholding", [False, True])
+def test_learned_range_halves_go_to_the_op_as_views(monkeypatch, thresholding):
+    """The (B, 2C, ...) model output is not copied: the op gets its two halves as batch-strided views,
+    the learned-range scale as coefficients and the thresholding as its argument."""
+    import fusediff.schedulers.fused_step as utils
+
+    seen = []
+    real = utils.scheduler_step
+
+    def spy(sample, model_output, coeffs, **kwargs):
+        seen.append((model_output, coeffs, kwargs))
+        return real(sample, model_output, coeffs, **kwargs)
+
+    monkeypatch.setattr(utils, "scheduler_step", spy)
+    sched = DDPMScheduler(variance_type="learned_range", thresholding=thresholding, dynamic_thresholding_ratio=0.9,
+                          sample_max_value=1.2)
+    sched.set_timesteps(10)
+    x = start_sample()
+    both = FakeModel(variance="learned_range")(x, 500)
+    t = int(sched.timesteps[3])
+    sched.step(both, t, x, generator=gen(0))
+    (m, coeffs, kwargs), = seen
+    c = x.shape[1]
+    assert m.data_ptr() == both.data_ptr() and kwargs["variance"].data_ptr() == both[:, c:].data_ptr()
+    assert (coeffs.v_a, coeffs.v_b) == SC.ddpm_learned_range(sched._alpha_bar(t, 1.0),
+                                                             sched._alpha_bar(sched.previous_timestep(t), 1.0))
+    assert kwargs["threshold"] == ((0.9, 1.2) if thresholding else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -13,8 +13,10 @@ A step converts the model output m into the solver's variable D (the data predic
 noise prediction eps), keeps the last ``solver_order`` of them, and combines D, the history and
 the sample in one fused op (:func:`fusediff.kernels.scheduler_step`): its x0 slot computes
 D = p_x*x + p_m*m and its history slots hold the earlier D, most recent first
-(:meth:`MultistepScheduler.multistep_update`). Dynamic thresholding is not a per-element rule, so
-it splits the step into calls around it.
+(:meth:`MultistepScheduler.multistep_update`). With dynamic thresholding a first fused call yields the
+thresholded x0 (the op's ``threshold`` argument), and the update takes it from a history slot: eps
+solvers re-derive eps from it, which the op's single-call form (c_x0 times the thresholded x0) does
+not express.
 
 Same timesteps, sigmas, step-index rules and ``add_noise`` as diffusers' multistep schedulers
 (DESIGN.md, decision 4); the subclass sets the few policies in which they differ (the final sigma,
@@ -33,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..kernels import scheduler_step
+from ..kernels import DynamicThreshold, scheduler_step
 from ..kernels.scheduler_step_coeffs import StepCoeffs, prediction_coeffs, vp_from_sigma
 from ..utils.torch_utils import to_device
 from .beta_schedules import ZERO_SNR_ALPHA_BAR, alpha_bar_tables
-from .fused_step import dynamic_threshold, like, step_inputs
+from .fused_step import like, step_inputs
 from .scheduling_base import SchedulerMixin, StepIndexMixin
 from .sigma_schedules import FINAL_SIGMAS_TYPES, resample_sigmas, sigma_to_t, sigmas_from_alphas_cumprod
 from .timesteps import TIMESTEP_SPACINGS, check_num_inference_steps, multistep_timesteps
@@ -242,10 +244,6 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
             return model_output[:, :c]
         return model_output
 
-    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        """Dynamic thresholding of an x0 prediction (Saharia et al. 2022, sec. 2.3)."""
-        return dynamic_threshold(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
     def _thresholds(self, predict_x0: bool, threshold_eps: bool) -> bool:
         """Whether x0 is thresholded on the way to the converted output."""
         return bool(self.config.thresholding) and (predict_x0 or threshold_eps)
@@ -259,8 +257,8 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
         clip), c_x0 weighs D, c_h0.. weigh ``history`` (earlier D, most recent first), c_x the sample
         and c_n ``noise``. The call is one fused op; with ``thresholding`` (applied to x0, and for an
         eps solver with ``threshold_eps`` eps re-derived from it, as diffusers does) it is:
-            1. x0 = x0-coefficients . (x, m)       (fused)
-            2. x0 <- threshold(x0)                  (PyTorch)
+            1. x0 = x0-coefficients . (x, m)       (fused, with 2)
+            2. x0 <- threshold(x0)                  (the op's ``threshold``: diffusers' _threshold_sample)
             3. D = x0, or eps = (x - alpha x0)/sigma (fused)
             4. out = c_x x + c_n n + c_x0 D + sum_j c_hj h_j, with D in the first history slot (fused)
         """
@@ -281,8 +279,8 @@ class MultistepScheduler(StepIndexMixin, SchedulerMixin):
         """D from the thresholded x0 (steps 1-3 of :meth:`multistep_update`)."""
         alpha, sigma = self.alpha_sigma(self._step_index)
         p_x, p_m = prediction_coeffs(alpha, sigma, self.config.prediction_type, predict_x0=True)
-        x0 = scheduler_step(x, m, StepCoeffs(p_x=p_x, p_m=p_m, c_x0=1.0))
-        x0 = like(self._threshold_sample(x0), x)
+        threshold = DynamicThreshold(self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        _, x0 = scheduler_step(x, m, StepCoeffs(p_x=p_x, p_m=p_m), threshold=threshold, return_pred=True)
         if predict_x0:
             return x0
         return scheduler_step(x, x0, StepCoeffs(p_x=1.0 / sigma, p_m=-alpha / sigma, c_x0=1.0))

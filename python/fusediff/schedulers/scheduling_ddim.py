@@ -9,7 +9,9 @@ A strided run over the DDPM noise schedule. From x_t to x_{t'}, t' = t - T // nu
 eta = 0 is the deterministic DDIM sampler, eta = 1 a DDPM-like ancestral one. With
 ``use_clipped_model_output`` eps is re-derived from the clipped x0, as in GLIDE. Zero-terminal-SNR
 betas (Lin et al. 2024) and the trailing spacing of their table 2 are supported. The update is one
-fused op (:func:`fusediff.kernels.scheduler_step`); dynamic thresholding takes a second.
+fused op (:func:`fusediff.kernels.scheduler_step`), dynamic thresholding of x0 included (the op's
+``threshold`` argument: diffusers' ``_threshold_sample`` exactly, x0 rounded to the model's dtype and
+the quantile taken in float32; there is no ``_threshold_sample`` method).
 
 Same config keys, defaults, timesteps and random draws as diffusers' ``DDIMScheduler`` (DESIGN.md,
 decisions 4 and 5); like it, t' is t - T // n whatever the spacing. Differences: a timestep outside
@@ -25,11 +27,12 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
+from ..kernels import DynamicThreshold
 from ..kernels import scheduler_step_coeffs as sc
 from ..utils.torch_utils import randn_tensor
 from .alpha_bar_scheduler import AlphaBarScheduler, check_alpha_bar
 from .beta_schedules import make_betas
-from .fused_step import dynamic_threshold, fused_update, like, step_inputs
+from .fused_step import fused_update, like, step_inputs
 from .registry import compatibles_of
 from .scheduling_base import SchedulerOutput
 from .timesteps import check_num_inference_steps, spaced_timesteps
@@ -84,9 +87,6 @@ class DDIMScheduler(AlphaBarScheduler):
         self.num_inference_steps = n
         self._set_run_timesteps(torch.from_numpy(timesteps), device)
 
-    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        return dynamic_threshold(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              eta: float = 0.0, use_clipped_model_output: bool = False,
              generator: torch.Generator | list[torch.Generator] | None = None,
@@ -131,9 +131,11 @@ class DDIMScheduler(AlphaBarScheduler):
                                               dtype=model_output.dtype)
             noise = like(variance_noise, x)
 
-        # 4. x_{t'} = sqrt(abar_t') x0 + direction + sigma_t z in one fused op (two with thresholding)
-        prev, x0 = fused_update(x, m, coeffs, noise=noise,
-                                x0_transform=self._threshold_sample if self.config.thresholding else None)
+        # 4. x_{t'} = sqrt(abar_t') x0 + direction + sigma_t z in one fused op, x0 clipped or thresholded
+        threshold = None
+        if self.config.thresholding:
+            threshold = DynamicThreshold(self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        prev, x0 = fused_update(x, m, coeffs, noise=noise, threshold=threshold)
         if not return_dict:
             return prev, x0
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)

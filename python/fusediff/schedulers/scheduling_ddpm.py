@@ -10,8 +10,17 @@ where alpha_t = abar_t / abar_t' and beta_t = 1 - alpha_t span the whole stride.
 or dynamically thresholded (Saharia et al. 2022), and sigma_t is one of the variance types of
 Nichol & Dhariwal 2021: fixed_small (beta-tilde_t), fixed_large (beta_t), their log forms,
 learned (the model outputs the variance) or learned_range (the model interpolates log beta-tilde_t
-and log beta_t, eq. 15). The update is one fused op (:func:`fusediff.kernels.scheduler_step`);
-learned variances scale the noise per element first.
+and log beta_t, eq. 15). The update is one fused op (:func:`fusediff.kernels.scheduler_step`), with
+learned_range and dynamic thresholding inside it:
+
+- learned_range: sigma = exp(v_a + v_b*v) per element, v the second half of the model output's
+  channels, (v_a, v_b) from :func:`~fusediff.kernels.scheduler_step_coeffs.ddpm_learned_range`. The
+  two halves go to the op as views of the model output (no copies). ``learned`` (sigma = sqrt(v))
+  is not of that form: the scheduler folds it into the noise in PyTorch.
+- thresholding: ``threshold=(dynamic_thresholding_ratio, sample_max_value)``: per batch item,
+  s = clamp(torch.quantile(|x0|, ratio), 1, sample_max_value) and x0 <- clamp(x0, -s, s)/s, with x0
+  rounded to the model's dtype first and the quantile taken in float32, exactly as diffusers'
+  ``_threshold_sample`` (on CUDA too, without a host sync).
 
 Same config keys, defaults, timesteps and random draws as diffusers' ``DDPMScheduler``
 (DESIGN.md, decisions 4 and 5). Differences, where diffusers fails silently or obscurely: an
@@ -19,12 +28,14 @@ unknown ``variance_type`` raises at construction (diffusers falls back to fixed_
 ``fixed_large_log`` adds noise of standard deviation sqrt(beta_t), i.e. exp(0.5 * log beta_t), where
 diffusers takes the square root of the log and returns NaN; a timestep outside the schedule, a
 learned variance type without the variance channels, and an epsilon prediction at alpha-bar_t = 0
-raise ValueError. ``previous_timestep`` returns an int (diffusers: a tensor or an int).
+raise ValueError. ``previous_timestep`` returns an int (diffusers: a tensor or an int). In float16
+and bfloat16 the learned_range noise scale is computed in float32 and the update rounded once
+(diffusers computes the log-variance, its exp and the sum in the model's dtype); x0, the quantile
+and the thresholding are the same as diffusers'. There is no ``_threshold_sample`` method.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,11 +43,12 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
+from ..kernels import DynamicThreshold
 from ..kernels import scheduler_step_coeffs as sc
 from ..utils.torch_utils import randn_tensor
 from .alpha_bar_scheduler import AlphaBarScheduler, check_alpha_bar
 from .beta_schedules import make_betas
-from .fused_step import dynamic_threshold, fused_update, like, step_inputs
+from .fused_step import fused_update, like, step_inputs
 from .registry import compatibles_of
 from .scheduling_base import SchedulerOutput
 from .timesteps import check_num_inference_steps, spaced_timesteps
@@ -132,12 +144,10 @@ class DDPMScheduler(AlphaBarScheduler):
         i = first[t]
         return order[i + 1] if i + 1 < len(order) else -1
 
-    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        return dynamic_threshold(sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-
     def _noise_scale(self, alpha_prod_t: float, alpha_prod_t_prev: float,
                      predicted_variance: torch.Tensor | None) -> float | torch.Tensor:
-        """sigma_t: a float for the fixed variance types, a tensor (per element) for the learned ones."""
+        """sigma_t: a float for the fixed variance types, a tensor (per element) for ``learned``.
+        learned_range is not here: its scale is computed in the fused op (see :meth:`step`)."""
         kind = self.variance_type
         if kind in ("fixed_small", "fixed_small_log", "fixed_large"):
             return sc.ddpm_noise_std(alpha_prod_t, alpha_prod_t_prev, kind)
@@ -149,14 +159,7 @@ class DDPMScheduler(AlphaBarScheduler):
                 "sample's channels (prediction, then variance)")
         if kind == "learned":  # the model outputs the variance itself
             return predicted_variance**0.5
-        if kind != "learned_range":
-            raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}; got {kind!r}")
-        # learned_range: log sigma^2 = f log beta_t + (1 - f) log beta-tilde_t, f = (v + 1)/2 (N&D 2021, eq. 15)
-        beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
-        min_log = math.log(max((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * beta_t, 1e-20))
-        max_log = math.log(beta_t)
-        frac = (predicted_variance + 1) / 2
-        return torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
+        raise ValueError(f"variance_type must be one of {', '.join(VARIANCE_TYPES)}; got {kind!r}")
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None,
@@ -185,21 +188,30 @@ class DDPMScheduler(AlphaBarScheduler):
         clip = self.config.clip_sample_range if self.config.clip_sample and not self.config.thresholding else None
         coeffs = sc.ddpm(alpha_prod_t, alpha_prod_t_prev, prediction_type=self.config.prediction_type,
                          clip_sample_range=clip)
-        x, m = step_inputs(sample, model_output)
+        x, m = step_inputs(sample, model_output, batch_strided=True)  # the mean half stays a view
 
         # 3. noise sigma_t * z for t > 0, drawn in the model output's shape and dtype
-        noise = None
+        noise = variance = None
         if t > 0:
             z = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                              dtype=model_output.dtype)
-            scale = self._noise_scale(alpha_prod_t, alpha_prod_t_prev, predicted_variance)
-            if isinstance(scale, torch.Tensor):  # per element: fold the scale into the noise
-                z, scale = scale * z, 1.0
-            noise, coeffs = like(z, x), coeffs._replace(c_n=scale)
+            if self.variance_type == "learned_range" and predicted_variance is not None:
+                # sigma_t = exp(v_a + v_b*v) per element, in the fused op (N&D 2021, eq. 15)
+                v_a, v_b = sc.ddpm_learned_range(alpha_prod_t, alpha_prod_t_prev)
+                coeffs = coeffs._replace(c_n=1.0, v_a=v_a, v_b=v_b)
+                variance = like(predicted_variance, x, batch_strided=True)
+            else:
+                scale = self._noise_scale(alpha_prod_t, alpha_prod_t_prev, predicted_variance)
+                if isinstance(scale, torch.Tensor):  # learned: fold the per-element scale into the noise
+                    z, scale = scale * z, 1.0
+                coeffs = coeffs._replace(c_n=scale)
+            noise = like(z, x)
 
-        # 4. x_{t'} = c_x0 * x0 + c_x * x_t + sigma_t * z in one fused op (two with thresholding)
-        prev, x0 = fused_update(x, m, coeffs, noise=noise,
-                                x0_transform=self._threshold_sample if self.config.thresholding else None)
+        # 4. x_{t'} = c_x0 * x0 + c_x * x_t + sigma_t * z in one fused op, x0 clipped or thresholded
+        threshold = None
+        if self.config.thresholding:
+            threshold = DynamicThreshold(self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        prev, x0 = fused_update(x, m, coeffs, noise=noise, variance=variance, threshold=threshold)
         if not return_dict:
             return prev, x0
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
