@@ -34,7 +34,8 @@ RTOL, ATOL = 1e-5, 1e-5
 COND = 1e-6  # ~16 float32 unit roundoffs of the largest terms summed
 TABLES = {"DDPMScheduler": ("alphas_cumprod", "one"),
           "DDIMScheduler": ("alphas_cumprod", "final_alpha_cumprod"),
-          "PNDMScheduler": ("alphas_cumprod", "final_alpha_cumprod")}
+          "PNDMScheduler": ("alphas_cumprod", "final_alpha_cumprod"),
+          "UnCLIPScheduler": ("alphas_cumprod", "one", "betas", "alphas")}
 
 
 def twins(cls, **config):
@@ -115,6 +116,7 @@ def noise_drawn_in(dtype: torch.dtype):
     """Make diffusers' schedulers draw their noise in ``dtype`` and cast it to the dtype they asked for."""
     import diffusers.schedulers.scheduling_ddim as ddim
     import diffusers.schedulers.scheduling_ddpm as ddpm
+    import diffusers.schedulers.scheduling_unclip as unclip
 
     real = ddpm.randn_tensor
 
@@ -122,7 +124,8 @@ def noise_drawn_in(dtype: torch.dtype):
         return real(shape, generator=generator, device=device, dtype=draw_dtype, **kwargs).to(dtype)
 
     draw_dtype = dtype
-    with mock.patch.object(ddpm, "randn_tensor", draw), mock.patch.object(ddim, "randn_tensor", draw):
+    with mock.patch.object(ddpm, "randn_tensor", draw), mock.patch.object(ddim, "randn_tensor", draw), \
+            mock.patch.object(unclip, "randn_tensor", draw):
         yield
 
 
@@ -132,7 +135,8 @@ def term_sizes(*modules):
 
     The fused op is wrapped where the schedulers call it (``modules``; default: the DDPM/DDIM/PNDM
     modules); each call also runs the reference on absolute values with absolute coefficients (no
-    clip), and the element-wise maximum over the calls of a step is kept (thresholding makes several).
+    clip, the noise scaled by the variance input as the op scales it), and the element-wise maximum over
+    the calls of a step is kept (the multistep solvers' thresholding makes several).
     """
     import fusediff.schedulers.fused_step as utils
     import fusediff.schedulers.scheduling_pndm as pndm
@@ -144,8 +148,12 @@ def term_sizes(*modules):
     def recording(sample, model_output, coeffs, *, noise=None, history=(), **kwargs):
         def a(t):
             return None if t is None else t.double().abs()
-        c = [abs(float(v)) for v in coeffs][:11] + [0.0]
-        out, x0 = scheduler_step_ref(a(sample), a(model_output), c, noise=a(noise), history=[a(h) for h in history],
+        scaled = noise
+        if kwargs.get("variance") is not None:  # the noise as the op scales it: exp(v_a + v_b*v) n
+            scaled = noise.double() * torch.exp(float(coeffs[12]) + float(coeffs[13]) * kwargs["variance"].double())
+        c = [abs(float(v)) for v in coeffs]
+        c[11] = 0.0  # no clip
+        out, x0 = scheduler_step_ref(a(sample), a(model_output), c, noise=a(scaled), history=[a(h) for h in history],
                                      return_pred=True)
         for key, value in (("out", out), ("x0", x0)):
             sizes[key] = value if sizes[key] is None else torch.maximum(sizes[key], value)
@@ -158,12 +166,14 @@ def term_sizes(*modules):
 
 
 def run_parity(ours, theirs, model: FakeModel, timesteps, *, step_kwargs=None, noise_seed=None,
-               per_sample_generators=False, x=None, what="", rtol=RTOL, atol=ATOL, cond=COND, slack=True):
+               per_sample_generators=False, x=None, what="", rtol=RTOL, atol=ATOL, cond=COND, slack=True,
+               per_step_kwargs=None):
     """Step fusediff's ``ours`` and diffusers' ``theirs`` = (lo, exact) over ``timesteps``; compare each step.
 
     ``noise_seed`` gives each scheduler an identically seeded generator (a list of them, one per
     batch element, with ``per_sample_generators``); ours and lo must end in the same state, i.e. ours
-    drew the same numbers in the same order. ``slack=False`` drops diffusers' own error from the
+    drew the same numbers in the same order. ``per_step_kwargs(i)`` adds keyword arguments of step i
+    (UnCLIPScheduler's ``prev_timestep``). ``slack=False`` drops diffusers' own error from the
     bound (for float64 inputs, where it measures diffusers' float32 tables, not rounding).
     Returns the last step's outputs (ours, lo, exact).
     """
@@ -175,11 +185,12 @@ def run_parity(ours, theirs, model: FakeModel, timesteps, *, step_kwargs=None, n
         n = x.shape[0] if per_sample_generators else None
         gens = [gen(noise_seed, n) for _ in range(3)]
 
-    def kwargs(k):
-        return step_kwargs if gens[k] is None else {**step_kwargs, "generator": gens[k]}
-
     outs = None
     for i, t in enumerate(timesteps):
+        def kwargs(k, i=i):
+            extra = {**step_kwargs, **(per_step_kwargs(i) if per_step_kwargs is not None else {})}
+            return extra if gens[k] is None else {**extra, "generator": gens[k]}
+
         m = model(x, t)
         with term_sizes() as sizes:
             mine = ours.step(m, t, x, **kwargs(0))

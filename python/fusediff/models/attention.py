@@ -20,7 +20,9 @@ UNets and VAEs use, with the same parameter names (``group_norm``, ``to_q``, ``t
 
 Precision: :func:`fusediff.kernels.attention` always forms q k^T and the softmax in float32,
 which is what diffusers' ``upcast_attention`` asks for, so that flag needs no extra work here.
-No attention mask, no added key/value projections, no q/k norms.
+An ``attention_mask`` is an additive bias over the keys (unCLIP's prior: a causal mask plus the
+text padding); a masked call runs :func:`~fusediff.models.attention_mask.biased_attention` (PyTorch's
+SDPA) instead of the kernel, which takes no mask. No added key/value projections, no q/k norms.
 
 Self-attention on a CUDA device projects q, k and v with one matmul of h by the stacked weights
 [W_q; W_k; W_v] (one launch instead of three; q, k and v are strided views of its output, which the
@@ -51,6 +53,7 @@ from torch import nn
 
 from .. import kernels
 from .activations import dropout
+from .attention_mask import biased_attention
 from .layout import memory_format_of
 from .normalization import GroupNorm
 from .stacked import capturing as _capturing
@@ -139,8 +142,10 @@ class Attention(nn.Module):
         """Whether k and v of this cross-attention call come from one matmul of the context."""
         return context.device.type in FUSED_QKV_DEVICES and (self.to_k.bias is None) == (self.to_v.bias is None)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        # (B, C, H, W) or (B, S, C), context (B, L, C_ctx) or None -> the input's shape
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # (B, C, H, W) or (B, S, C), context (B, L, C_ctx) or None -> the input's shape;
+        # attention_mask: an additive bias broadcastable to (B, heads, S, L), or None
         residual = hidden_states
         spatial = hidden_states.dim() == 4
         if spatial:
@@ -173,7 +178,10 @@ class Attention(nn.Module):
             q = split_heads(self.to_q(h), self.heads)  # (B, heads, S, D)
             k = split_heads(self.to_k(context), self.heads)  # (B, heads, L, D)
             v = split_heads(self.to_v(context), self.heads)
-        o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
+        if attention_mask is None:
+            o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
+        else:
+            o = biased_attention(q, k, v, attention_mask)  # (B, heads, S, D)
         o = o.transpose(1, 2).reshape(batch, seq, self.heads * self.dim_head)  # (B, S, heads * D), a view
         out = dropout(self.to_out[1], self.to_out[0](o))  # (B, S, C)
         if spatial:

@@ -17,8 +17,14 @@ parameter names (``group_norm``, ``norm_cross``, ``to_q``, ``to_k``, ``to_v``, `
 
 Both GroupNorms run :func:`fusediff.kernels.group_norm` and the attention
 :func:`fusediff.kernels.attention` (q k^T and the softmax in float32, diffusers' ``upcast_softmax``).
+An ``attention_mask`` is an additive bias over the L context tokens (unCLIP's decoder masks the text
+padding; the map's own S keys get 0), run by :func:`~fusediff.models.attention_mask.biased_attention`
+(PyTorch's SDPA, as diffusers' processor) since the kernel takes no mask. diffusers pads the (B, 1, L)
+bias by S zeros only when L != S (and fails when L == S, or with ``only_cross_attention``); here the
+bias must cover the L context tokens and is padded to the keys there are.
+
 Limits: the heads must tile the channels exactly (heads * D = C, as diffusers' processor
-assumes); a context is required; no attention mask; the context's GroupNorm has diffusers' fixed
+assumes); a context is required; the context's GroupNorm has diffusers' fixed
 32 groups and eps 1e-5 (``cross_attention_norm="layer_norm"`` is not supported).
 """
 
@@ -30,6 +36,7 @@ from torch import nn
 from .. import kernels
 from .activations import dropout
 from .attention import check_context, split_heads
+from .attention_mask import biased_attention
 from .normalization import GroupNorm
 
 CROSS_ATTENTION_NORMS = (None, "group_norm")
@@ -78,10 +85,14 @@ class AddedKVAttention(nn.Module):
         self.add_v_proj = nn.Linear(added_kv_proj_dim, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(dropout)])
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states (B, C, H, W), encoder_hidden_states (B, L, C_ctx) -> (B, C, H, W)
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden_states (B, C, H, W), encoder_hidden_states (B, L, C_ctx) -> (B, C, H, W);
+        # attention_mask: an additive bias (B, L) or (B, 1, L) over the context tokens, or None
         batch, channels, height, width = hidden_states.shape
         check_context("AddedKVAttention", encoder_hidden_states, batch, self.added_kv_proj_dim)
+        if attention_mask is not None:
+            attention_mask = self._key_bias(attention_mask, batch, encoder_hidden_states.shape[1], height * width)
         context = encoder_hidden_states
         if self.norm_cross is not None:
             context = self.norm_cross(context.transpose(1, 2)).transpose(1, 2)  # normed over C_ctx: (B, L, C_ctx)
@@ -92,7 +103,22 @@ class AddedKVAttention(nn.Module):
         if not self.only_cross_attention:
             k = torch.cat([k, split_heads(self.to_k(h), self.heads)], dim=2)  # (B, heads, L + S, D)
             v = torch.cat([v, split_heads(self.to_v(h), self.heads)], dim=2)
-        o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
-        o = o.transpose(1, 2).reshape(batch, height * width, channels)  # (B, S, C), a view
+        if attention_mask is None:
+            o = kernels.attention(q, k, v, out_layout="bshd")  # (B, heads, S, D) laid out as (B, S, heads, D)
+        else:
+            o = biased_attention(q, k, v, attention_mask)  # (B, heads, S, D)
+        o = o.transpose(1, 2).reshape(batch, height * width, channels)  # (B, S, C)
         out = dropout(self.to_out[1], self.to_out[0](o))  # (B, S, C)
         return hidden_states + out.transpose(1, 2).reshape(hidden_states.shape)  # in the input's layout
+
+    def _key_bias(self, bias: torch.Tensor, batch: int, context_len: int, seq: int) -> torch.Tensor:
+        """The (B, L) or (B, 1, L) context bias as (B, 1, 1, keys): zeros appended for the map's S keys."""
+        if not isinstance(bias, torch.Tensor) or bias.dim() not in (2, 3) or bias.shape[0] != batch \
+                or bias.shape[-1] != context_len or (bias.dim() == 3 and bias.shape[1] != 1):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"AddedKVAttention: attention_mask must be a ({batch}, {context_len}) or "
+                             f"({batch}, 1, {context_len}) bias over the context tokens; got {got}")
+        bias = bias.reshape(batch, 1, 1, context_len)
+        if not self.only_cross_attention:
+            bias = torch.nn.functional.pad(bias, (0, seq), value=0.0)  # the map's own keys: not masked
+        return bias

@@ -91,7 +91,7 @@ class GaussianFourierProjection(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP (N, in_channels) -> (N, time_embed_dim): ``linear_2(act(linear_1(x)))``.
+    """MLP (N, in_channels) -> (N, out_dim or time_embed_dim): ``linear_2(act(linear_1(x)))``.
 
     With ``cond_proj_dim`` the input is first shifted by a projected condition,
     ``x + cond_proj(c)``: the guidance embedding of latent consistency models (a UNet's
@@ -100,12 +100,12 @@ class TimestepEmbedding(nn.Module):
     """
 
     def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu",
-                 cond_proj_dim: int | None = None) -> None:
+                 cond_proj_dim: int | None = None, out_dim: int | None = None) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
         self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
         self.act = get_activation(act_fn)
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim if out_dim is None else out_dim)
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         # (N, in_channels), condition (N, cond_proj_dim) -> (N, time_embed_dim)

@@ -23,7 +23,8 @@ The constructor takes diffusers 0.42.1's ``Transformer2DModel`` arguments with t
 and the module tree has its parameter names. Only continuous input with ``norm_type="layer_norm"``
 is supported: discrete (``num_vector_embeds``) and patched (``patch_size``) input, the AdaLayerNorm
 variants, gated (GLIGEN) attention and caption projections raise NotImplementedError, as do
-attention masks at call time. Gradient checkpointing and feed-forward chunking are not implemented.
+attention masks of the model's call (a :class:`BasicTransformerBlock` takes an additive mask for its
+self-attention, as unCLIP's prior uses it). Gradient checkpointing and feed-forward chunking are not implemented.
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn, final_dropout=final_dropout,
                               inner_dim=ff_inner_dim, bias=ff_bias)
 
-    def forward(self, hidden_states: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        # (B, S, dim), context (B, L, cross_attention_dim) -> (B, S, dim)
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # (B, S, dim), context (B, L, cross_attention_dim) -> (B, S, dim); attention_mask: an additive bias
+        # of the first attention, broadcastable to (B, heads, S, S) (diffusers' block gives it to attn1 only)
         context = encoder_hidden_states if self.only_cross_attention else None
         h = hidden_states
-        out = self.attn1(layer_norm(self.norm1, h), context)
+        out = self.attn1(layer_norm(self.norm1, h), context, attention_mask)
         if self.attn2 is not None:
             normed, h = layer_norm(self.norm2, out, residual=h)  # h = out + h; normed = norm2(h)
             out = self.attn2(normed, encoder_hidden_states)

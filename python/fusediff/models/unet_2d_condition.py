@@ -37,8 +37,12 @@ channels // heads), and ``num_attention_heads`` must stay None (diffusers refuse
 Not supported (NotImplementedError naming the key): the SDXL/Kandinsky conditioning
 (``addition_embed_type`` other than "text", ``encoder_hid_dim_type`` other than "text_proj"),
 ``class_embed_type`` "projection" and "simple_projection", ``cross_attention_norm="layer_norm"``,
-``timestep_post_act``, dual cross-attention, GLIGEN ``attention_type``; at call time attention
-masks, ``cross_attention_kwargs``, ``added_cond_kwargs`` and ControlNet/T2I-Adapter residuals.
+``timestep_post_act``, dual cross-attention, GLIGEN ``attention_type``; at call time
+``encoder_attention_mask``, ``cross_attention_kwargs``, ``added_cond_kwargs`` and ControlNet/T2I-Adapter
+residuals. ``attention_mask`` (B, L), 1 = keep, masks the context tokens of the SimpleCrossAttn
+blocks' attentions (unCLIP's decoder: the text padding), turned into diffusers' bias
+(1 - m) * -10000 in the sample's dtype; with transformer (CrossAttn*) blocks it raises
+NotImplementedError.
 Block types: see :mod:`fusediff.models.unet_2d_condition_blocks`. Gradient checkpointing is not
 implemented.
 """
@@ -57,6 +61,7 @@ from ..utils.outputs import BaseOutput
 from .activations import get_activation, is_silu
 from .attention import Attention
 from .attention_added_kv import AddedKVAttention
+from .attention_mask import mask_bias
 from .embeddings import GaussianFourierProjection, TextTimeEmbedding, TimestepEmbedding, Timesteps, class_embedding, \
     embed_timesteps
 from .normalization import GroupNorm
@@ -280,11 +285,12 @@ class UNet2DConditionModel(ModelMixin):
         ``timestep`` is a Python number, a 0-d tensor, or a (1,) or (B,) tensor. H and W may be
         any size (odd ones included). ``class_labels`` is required exactly when the model is
         class-conditional; ``timestep_cond`` (B, time_cond_proj_dim) only with ``time_cond_proj_dim``.
-        Masks, ``cross_attention_kwargs``, ``added_cond_kwargs`` and the ControlNet/adapter residuals
-        must be None (or empty). Returns :class:`UNet2DConditionOutput` or, with
+        ``attention_mask`` (B, L) keeps (1) or masks (0) context tokens of the SimpleCrossAttn blocks;
+        ``encoder_attention_mask``, ``cross_attention_kwargs``, ``added_cond_kwargs`` and the
+        ControlNet/adapter residuals must be None (or empty). Returns :class:`UNet2DConditionOutput` or, with
         ``return_dict=False``, ``(sample,)``.
         """
-        refuse_unsupported(MODEL, attention_mask=attention_mask, encoder_attention_mask=encoder_attention_mask,
+        refuse_unsupported(MODEL, encoder_attention_mask=encoder_attention_mask,
                            cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
                            down_block_additional_residuals=down_block_additional_residuals,
                            mid_block_additional_residual=mid_block_additional_residual,
@@ -307,6 +313,8 @@ class UNet2DConditionModel(ModelMixin):
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)  # (B, L, cross_attention_dim)
         context = {"encoder_hidden_states": encoder_hidden_states}
+        if attention_mask is not None:
+            context["attention_mask"] = self._context_bias(attention_mask, sample.dtype)
         emb = project_time(self, emb)  # every ResNet block's time projection in one matmul, where it can be
 
         def cond(block: nn.Module) -> dict:
@@ -340,6 +348,16 @@ class UNet2DConditionModel(ModelMixin):
         if not return_dict:
             return (h,)
         return UNet2DConditionOutput(sample=h)
+
+    def _context_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """diffusers' (B, 1, L) bias of a keep-mask; NotImplementedError unless every cross-attention block takes it."""
+        blocks = [*self.down_blocks, *([self.mid_block] if self.mid_block is not None else []), *self.up_blocks]
+        refused = sorted({type(b).__name__ for b in blocks
+                          if getattr(b, "has_cross_attention", False) and not getattr(b, "takes_attention_mask", False)})
+        if refused:
+            raise NotImplementedError(f"{MODEL}: attention_mask is supported by the SimpleCrossAttn blocks only, "
+                                      f"not by {', '.join(refused)}; pass None")
+        return mask_bias(attention_mask, dtype).unsqueeze(1)
 
     def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor, timestep_cond: torch.Tensor | None) -> None:
         """TypeError/ValueError naming the argument unless the inputs have the shapes this model takes."""

@@ -11,7 +11,8 @@ as in diffusers); the mid block is resnet, attention, resnet.
 
 Unlike the transformer blocks, ``attention_head_dim`` is the WIDTH of a head here, so a block has
 ``channels // attention_head_dim`` heads (diffusers' convention for these blocks). The attention's
-GroupNorm has the resnets' groups and eps 1e-5 (diffusers does not pass the resnets' eps). Module
+GroupNorm has the resnets' groups and eps 1e-5 (diffusers does not pass the resnets' eps). The blocks
+take an ``attention_mask`` (an additive bias over the context tokens) for their attentions. Module
 and parameter names match diffusers' (``resnets``, ``attentions``, ``downsamplers``, ``upsamplers``).
 """
 
@@ -54,6 +55,7 @@ class SimpleCrossAttnDownBlock2D(_DownBlock):
     """
 
     has_cross_attention = True
+    takes_attention_mask = True  # forward(..., attention_mask=bias over the context tokens)
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
                  num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
@@ -77,6 +79,7 @@ class SimpleCrossAttnUpBlock2D(_UpBlock):
     """
 
     has_cross_attention = True
+    takes_attention_mask = True  # forward(..., attention_mask=bias over the context tokens)
 
     def __init__(self, in_channels: int, out_channels: int, prev_output_channel: int, temb_channels: int,
                  dropout: float = 0.0, num_layers: int = 1, resnet_eps: float = 1e-6,
@@ -96,6 +99,7 @@ class UNetMidBlock2DSimpleCrossAttn(_MidBlock):
     """Resnet, then ``num_layers`` x (added-KV attention, resnet), at constant resolution and width."""
 
     has_cross_attention = True
+    takes_attention_mask = True  # forward(..., attention_mask=bias over the context tokens)
 
     def __init__(self, in_channels: int, temb_channels: int, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",

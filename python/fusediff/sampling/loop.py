@@ -5,6 +5,7 @@
     for t in run:
         m = predict(scheduler.scale_model_input(x, t), t, **model_kwargs)     guided: one call on [x; x]
         x = scheduler.step(m, t, x).prev_sample                               one fused launch
+                                                  (+ prev_timestep=t_next where step takes it: unCLIP)
         x = (1 - mask) * add_noise(image_latents, noise, t_next) + mask * x   inpainting with a plain model
         callback_on_step_end(pipeline, i, t, {name: tensor})                  may replace tensors
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +49,16 @@ def step_arguments(scheduler: Any, generator: Any = None, eta: float = 0.0) -> d
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs
+
+
+def takes_prev_timestep(scheduler: Any) -> bool:
+    """Whether ``scheduler.step`` takes the step's target timestep (diffusers' UnCLIPScheduler API)."""
+    return "prev_timestep" in inspect.signature(scheduler.step).parameters
+
+
+def prev_timestep_of(host: torch.Tensor, i: int) -> dict[str, Any]:
+    """``prev_timestep`` of step i: the run's next timestep, None after the last (as diffusers' unCLIP passes it)."""
+    return {"prev_timestep": host[i + 1] if i + 1 < len(host) else None}
 
 
 def model_call(predict: Predict, x: torch.Tensor, t: torch.Tensor,
@@ -150,6 +162,7 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
     if not from_noise and image_latents is None:
         raise ValueError("start_from_noise=False needs image_latents to noise")
     step_kw = {**step_arguments(scheduler, generator, eta), **(step_kwargs or {})}
+    with_prev = takes_prev_timestep(scheduler)
     guide = guidance.arguments(noise.dtype, noise.device) if guidance is not None else None
     host, device_timesteps = loop_timesteps(run.host, noise.device)
     if isinstance(cuda_graph, LoopGraphs):
@@ -188,7 +201,8 @@ def denoise(scheduler: Any, predict: Predict, noise: torch.Tensor, *,
             out = call(scheduler.scale_model_input(x, t_host), t, guide, **model_kwargs)
             if graphs is not None:  # the graph's output buffer is overwritten next step; schedulers may keep it
                 out = out.clone()
-            x = scheduler.step(out, t_host, x, **step_kw).prev_sample
+            prev = prev_timestep_of(host, i) if with_prev else {}
+            x = scheduler.step(out, t_host, x, **step_kw, **prev).prev_sample
             if mask is not None:
                 keep = image_latents
                 if i < len(host) - 1:
@@ -211,6 +225,7 @@ def _whole_loop(graphs: LoopGraphs, scheduler: Any, predict: Predict, noise: tor
                 step_kw: dict[str, Any], memory_format: torch.memory_format | None) -> torch.Tensor:
     """The loop from noise (no mask, no callback) through :class:`LoopGraphs`: one graph per signature."""
     scale, rescale, uncond_first = guide if guide is not None else (None, None, None)
+    with_prev = takes_prev_timestep(scheduler)
     step_other = {k: (generator_kind(v) if k == "generator" else v) for k, v in step_kw.items()}
 
     def body(noise_: torch.Tensor, timesteps_: torch.Tensor, scale_: torch.Tensor | None,
@@ -222,7 +237,8 @@ def _whole_loop(graphs: LoopGraphs, scheduler: Any, predict: Predict, noise: tor
                 x = in_layout(x, memory_format)
             for i, t_host in enumerate(host):
                 out = model_call(predict, scheduler.scale_model_input(x, t_host), timesteps_[i], g, **kw)
-                x = scheduler.step(out, t_host, x, **step_kw).prev_sample
+                prev = prev_timestep_of(host, i) if with_prev else {}
+                x = scheduler.step(out, t_host, x, **step_kw, **prev).prev_sample
             return x
 
     args = (noise, device_timesteps, scale, dict(model_kwargs))

@@ -6,8 +6,9 @@ configs each scheduler reads (:func:`compatibles_of`, the ``_compatibles`` of ev
 the ``--scheduler`` names of ``fusediff sample`` (:func:`cli_schedulers`).
 
 This module imports nothing but the standard library, so ``import fusediff`` reads it without loading
-a scheduler. Limits: every scheduler listed steps the same discrete alpha-bar table, so each one reads
-every other's config (diffusers' KarrasDiffusionSchedulers, less the ones fusediff does not have).
+a scheduler. Limits: every compatible scheduler listed steps the same discrete alpha-bar table, so each
+one reads every other's config (diffusers' KarrasDiffusionSchedulers, less the ones fusediff does not
+have); ``UnCLIPScheduler`` is registered with ``compatible=False``, as diffusers gives it no compatibles.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Scheduler(NamedTuple):
     class_name: str  # the class, as exported from fusediff and fusediff.schedulers
     module: str  # the submodule of fusediff.schedulers that defines it
     cli: Mapping[str, Mapping[str, Any]]  # `fusediff sample --scheduler` name -> config overrides
+    compatible: bool = True  # reads (and is read by) every other compatible scheduler's config
 
 
 SCHEDULERS: tuple[Scheduler, ...] = (
@@ -36,6 +38,8 @@ SCHEDULERS: tuple[Scheduler, ...] = (
               {"dpmpp_2m": {}, "dpmpp_2m_karras": {"use_karras_sigmas": True}}),
     Scheduler("DEISMultistepScheduler", "scheduling_deis_multistep", {"deis": {}}),
     Scheduler("UniPCMultistepScheduler", "scheduling_unipc_multistep", {"unipc": {}}),
+    # unCLIP's own DDPM variant: no command-line name, and, as in diffusers, no compatible classes
+    Scheduler("UnCLIPScheduler", "scheduling_unclip", {}, compatible=False),
 )
 # public names of fusediff.schedulers that are no scheduler -> defining submodule
 BASE_EXPORTS = {"SchedulerMixin": "scheduling_base", "SchedulerOutput": "scheduling_base"}
@@ -47,8 +51,11 @@ def exports() -> dict[str, str]:
 
 
 def compatibles_of(class_name: str) -> tuple[str, ...]:
-    """The scheduler class names whose configs ``class_name`` reads as its own: every other registered one."""
-    return tuple(s.class_name for s in SCHEDULERS if s.class_name != class_name)
+    """The scheduler class names whose configs ``class_name`` reads as its own: every other compatible one
+    (none for a scheduler registered with ``compatible=False``)."""
+    if not all(s.compatible for s in SCHEDULERS if s.class_name == class_name):
+        return ()
+    return tuple(s.class_name for s in SCHEDULERS if s.class_name != class_name and s.compatible)
 
 
 def cli_schedulers() -> dict[str, tuple[str, dict[str, Any]]]:
