@@ -8,6 +8,8 @@ kernel backends.
     fusediff sample --model DIR_OR_REPO --prompt TEXT [--negative-prompt TEXT] [--guidance S]
                     [--height H --width W] [--scheduler NAME] [--steps N] [--batch N] ...
     fusediff train --out DIR [...]        (see ``fusediff train --help`` and :mod:`fusediff.training.cli`)
+    fusediff convert glide CHECKPOINT.pt OUT_DIR [--kind base|upsample|base-inpaint|upsample-inpaint]
+                    [--tokenizer DIR] [--dtype fp32|fp16]
     fusediff info
     fusediff bench pipeline [--out DIR] [--rows ROW ...] [--columns COL ...] [--dtype fp16|bf16]
                             [--steps N] [--compile-mode MODE] [--report]
@@ -21,7 +23,7 @@ table) draws the classes of ``--class`` (repeatable or comma-separated), repeate
 ``--class`` it cycles through all its classes. ``--guidance`` is its classifier-free guidance
 scale (default: the model's), and ``--scheduler`` takes any of TEXT_SCHEDULERS (default: the
 model's, DDIM for a trained model). With ``--prompt`` it runs a text-to-image pipeline (Stable
-Diffusion, LDM; needs ``pip install "fusediff[text]"``); ``--scheduler`` then takes any of
+Diffusion, LDM, DeepFloyd IF stage I; needs ``pip install "fusediff[text]"``); ``--scheduler`` then takes any of
 TEXT_SCHEDULERS (default: the model's own), ``--batch`` is the number of images (default 1). The
 seed feeds a CPU generator, so a seed gives the same images on every device (up to arithmetic
 rounding). Bad arguments and missing models end with one line on stderr and exit status 2 or 1.
@@ -103,6 +105,16 @@ def build_parser(with_training: bool = False) -> argparse.ArgumentParser:
         from .training import cli as training_cli
 
         training_cli.add_arguments(t)
+    c = sub.add_parser("convert", help="convert a released checkpoint into a pipeline directory")
+    formats = c.add_subparsers(dest="format", required=True, parser_class=OneLineParser)
+    g = formats.add_parser("glide", help="a glide-text2im checkpoint (.pt state dict, loaded with weights_only=True)")
+    g.add_argument("checkpoint", type=Path, help="base.pt, upsample.pt, base_inpaint.pt or upsample_inpaint.pt")
+    g.add_argument("out_dir", type=Path, help="the pipeline directory to write (atomically)")
+    g.add_argument("--kind", choices=("base", "upsample", "base-inpaint", "upsample-inpaint"), default="base")
+    g.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
+                   help="GLIDE's BPE files (glide_text2im/tokenizer: encoder.json.gz, vocab.bpe.gz) or GPT-2's "
+                        "(vocab.json, merges.txt), written into the directory's tokenizer/")
+    g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the written weights")
     sub.add_parser("info", help="print versions, devices and the kernel backend of each op")
     b = sub.add_parser("bench", help="benchmark fusediff against HF diffusers on a CUDA GPU")
     benchmarks = b.add_subparsers(dest="benchmark", required=True, parser_class=OneLineParser)
@@ -220,14 +232,27 @@ def _load_text_pipeline(args: argparse.Namespace):
     """The model as a text-to-image pipeline on the chosen device, with the chosen scheduler."""
     import fusediff
 
+    from .pipelines.pipeline_glide import GlideBase
     from .pipelines.pipeline_stable_diffusion import StableDiffusionPipeline
 
     source, pipe = _from_pretrained(args)
+    if isinstance(pipe, fusediff.IFSuperResolutionPipeline):
+        raise CliError(f"{str(source)!r} holds DeepFloyd IF's super-resolution stage, which upscales an image; "
+                       "fusediff sample runs IF stage I (text to image)")
+    if isinstance(pipe, GlideBase) and not isinstance(pipe, fusediff.GlidePipeline):
+        raise CliError(f"{str(source)!r} holds GLIDE's {type(pipe).__name__}, which needs images too; "
+                       "fusediff sample runs GLIDE's base model (text to image)")
     if not is_text_pipeline(pipe):
         raise CliError(f"{str(source)!r} holds a {type(pipe).__name__}, which takes no prompt; drop --prompt")
+    if isinstance(pipe, fusediff.GlidePipeline) and args.scheduler not in (None, "ddpm"):
+        raise CliError("GLIDE samples with its DDPM scheduler on respaced timesteps; drop --scheduler")
     if isinstance(pipe, fusediff.LDMTextToImagePipeline) and args.negative_prompt is not None:
         raise CliError("--negative-prompt: LDM text-to-image takes no negative prompt")
-    if type(pipe) is not StableDiffusionPipeline and not isinstance(pipe, fusediff.LDMTextToImagePipeline):
+    if isinstance(pipe, fusediff.IFImg2ImgPipeline):  # an IF stage-I directory saved as img2img
+        pipe = fusediff.IFPipeline(**pipe.components, requires_safety_checker=False)
+    elif type(pipe) is not StableDiffusionPipeline and not isinstance(pipe, (fusediff.LDMTextToImagePipeline,
+                                                                              fusediff.IFPipeline,
+                                                                              fusediff.GlidePipeline)):
         # an img2img or inpainting directory: its components make a text-to-image pipeline
         if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
             raise CliError(f"{str(source)!r} is an inpainting model ({pipe.unet.config.in_channels}-channel UNet); "
@@ -251,6 +276,11 @@ def _text_images(args: argparse.Namespace) -> list:
                 generator=torch.Generator("cpu").manual_seed(args.seed))
     if args.guidance is not None:
         call["guidance_scale"] = args.guidance
+    if isinstance(pipe, fusediff.GlidePipeline):  # 64 x 64 only; its own respacing ("100") unless --steps
+        if args.height is not None or args.width is not None:
+            raise CliError("--height/--width: GLIDE's base model samples at its own size")
+        del call["height"], call["width"]
+        call["num_inference_steps"] = args.steps
     if isinstance(pipe, fusediff.LDMTextToImagePipeline):
         call["prompt"] = [args.prompt] * batch
     else:
@@ -310,6 +340,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return training_cli.run(args)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipelines.glide_convert import convert_glide
+
+    try:
+        out = convert_glide(args.checkpoint, args.out_dir, args.kind, tokenizer_dir=args.tokenizer,
+                            dtype=torch.float16 if args.dtype == "fp16" else torch.float32)
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+        raise CliError(str(e)) from None
+    print(f"wrote a GLIDE {args.kind} pipeline to {out}/")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -357,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(with_training=argv[:1] == ["train"])
         args = parser.parse_args(argv)
-        commands = {"sample": cmd_sample, "train": cmd_train, "info": cmd_info, "bench": cmd_bench}
+        commands = {"sample": cmd_sample, "train": cmd_train, "info": cmd_info, "bench": cmd_bench,
+                    "convert": cmd_convert}
         return commands[args.command](args)
     except CliError as e:
         print(f"fusediff: error: {e}", file=sys.stderr)

@@ -26,11 +26,17 @@ def default_steps(scheduler: str | None) -> int:
 
 
 def is_text_pipeline(pipe: Any) -> bool:
-    """Whether ``pipe`` is a text-to-image pipeline (Stable Diffusion or LDM), which takes ``--prompt``."""
+    """Whether ``pipe`` is a text-to-image pipeline (Stable Diffusion, LDM, DeepFloyd IF stage I, GLIDE's base), which
+    takes ``--prompt``."""
+    from .pipelines.pipeline_glide import GlidePipeline
+    from .pipelines.pipeline_if import IFBase
+    from .pipelines.pipeline_if_superresolution import IFSuperResolutionPipeline
     from .pipelines.pipeline_latent_diffusion import LDMTextToImagePipeline
     from .pipelines.pipeline_stable_diffusion import StableDiffusionBase
 
-    return isinstance(pipe, (StableDiffusionBase, LDMTextToImagePipeline))
+    if isinstance(pipe, IFSuperResolutionPipeline):
+        return False
+    return isinstance(pipe, (StableDiffusionBase, LDMTextToImagePipeline, IFBase, GlidePipeline))
 
 
 def use_scheduler(pipe: Any, name: str | None) -> None:

@@ -23,6 +23,11 @@ _LAZY = {
     "AutoencoderKL": "autoencoder_kl",
     "VQModel": "vq_model",
     "LDMBertModel": "ldm_bert",
+    "PriorTransformer": "prior_transformer",
+    "PriorTransformerOutput": "prior_transformer",
+    "UnCLIPTextProjModel": "unclip_text_proj",
+    "GlideTextEncoder": "glide_text_encoder",
+    "GlideTextEncoderOutput": "glide_text_encoder",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 

@@ -15,6 +15,16 @@ _LAZY = {
     "StableDiffusionInpaintPipeline": "pipeline_stable_diffusion_inpaint",
     "LDMTextToImagePipeline": "pipeline_latent_diffusion",
     "ClassConditionalPipeline": "pipeline_class_conditional",
+    "UnCLIPPipeline": "pipeline_unclip",
+    "UnCLIPImageVariationPipeline": "pipeline_unclip_image_variation",
+    "IFPipeline": "pipeline_if",
+    "IFPipelineOutput": "pipeline_if",
+    "IFImg2ImgPipeline": "pipeline_if_img2img",
+    "IFSuperResolutionPipeline": "pipeline_if_superresolution",
+    "GlidePipeline": "pipeline_glide",
+    "GlideInpaintPipeline": "pipeline_glide",
+    "GlideUpsamplePipeline": "pipeline_glide_upsample",
+    "GlideUpsampleInpaintPipeline": "pipeline_glide_upsample",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 

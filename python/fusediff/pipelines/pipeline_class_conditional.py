@@ -40,8 +40,8 @@ from ..models import UNet2DModel
 from ..schedulers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 from ..sampling import Guidance, check_steps, denoise, initial_noise, module_memory_format
 from ..utils.torch_utils import Generator, to_device
-from .pipeline_utils import (DiffusionPipeline, ImagePipelineOutput, check_output_type, postprocess_images,
-                             unet_prediction)
+from .pipeline_utils import (DiffusionPipeline, ImagePipelineOutput, check_callback_tensor_inputs, check_output_type,
+                             postprocess_images, unet_prediction)
 
 # Default guidance scale of a pipeline built for a model with a null class without naming one: plain
 # conditional sampling. (The shipped digits model draws the requested class best that way: 0.99 of 256
@@ -161,10 +161,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                              "(null_class_label=None); use guidance_scale=1.0")
         check_output_type(output_type)
         check_steps(num_inference_steps)
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
-                             f"{list(self._callback_tensor_inputs)}")
+        check_callback_tensor_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         batch, device, dtype = len(labels), self.device, self.unet.dtype
         # 1. the labels of the model call, [y; y0] under guidance, copied to the device once
         model_labels = labels + [self.null_class] * batch if guided else labels

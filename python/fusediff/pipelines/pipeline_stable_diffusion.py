@@ -35,7 +35,7 @@ from ..utils.outputs import BaseOutput
 from ..utils.torch_utils import Generator
 from ..sampling import Guidance, Timesteps, denoise, initial_noise, module_memory_format, set_timesteps
 from . import text_conditioning as tc
-from .pipeline_utils import DiffusionPipeline
+from .pipeline_utils import DiffusionPipeline, GuidedCallState, check_callback_tensor_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def text_unet_prediction(unet: Any, x: torch.Tensor, t: torch.Tensor, prompt_emb
     return unet(x, t, encoder_hidden_states=prompt_embeds, **extra).sample
 
 
-class StableDiffusionBase(DiffusionPipeline):
+class StableDiffusionBase(GuidedCallState, DiffusionPipeline):
     """Components and the shared machinery of the Stable Diffusion pipelines (not used directly)."""
 
     _config_arguments = ("requires_safety_checker",)
@@ -99,22 +99,12 @@ class StableDiffusionBase(DiffusionPipeline):
                               image_encoder=image_encoder)
         self.register_to_config(requires_safety_checker=bool(requires_safety_checker))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-        self._guidance_scale = 1.0
-        self._num_timesteps = 0
 
-    # -- state readable from a callback, as in diffusers ------------------------------------
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
+    # -- state readable from a callback, as in diffusers (GuidedCallState) ----------------------
     @property
     def do_classifier_free_guidance(self) -> bool:
         """Guidance runs for a scale above 1, unless the UNet was distilled with the scale as input."""
         return self._guidance_scale > 1 and self.unet.config.get("time_cond_proj_dim") is None
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
 
     # -- sizes and inputs --------------------------------------------------------------------
     def default_size(self) -> tuple[int, int]:
@@ -131,10 +121,7 @@ class StableDiffusionBase(DiffusionPipeline):
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int; got {num_images_per_prompt!r}")
         tc.check_output_type(output_type)
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among "
-                             f"{list(self._callback_tensor_inputs)}")
+        check_callback_tensor_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     # -- prompts -----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str] | None, device: torch.device, num_images_per_prompt: int,
@@ -142,22 +129,12 @@ class StableDiffusionBase(DiffusionPipeline):
                       prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                       clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt embeddings, negative ones or None), each (B * num_images_per_prompt, S, D)."""
-        batch_size = tc.batch_size_of(prompt, prompt_embeds)
         use_mask = bool(getattr(getattr(self.text_encoder, "config", None), "use_attention_mask", False))
         max_length = self.tokenizer.model_max_length if self.tokenizer is not None else None
-        if prompt_embeds is None:
-            prompt_embeds = tc.encode_text(self.tokenizer, self.text_encoder, prompt, max_length, device,
-                                           use_attention_mask=use_mask, clip_skip=clip_skip)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
-        prompt_embeds = tc.repeat_per_prompt(prompt_embeds.to(dtype=dtype, device=device), num_images_per_prompt)
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            texts = tc.negative_texts(prompt, negative_prompt, batch_size)
-            negative_prompt_embeds = tc.encode_text(self.tokenizer, self.text_encoder, texts, prompt_embeds.shape[1],
-                                                    device, use_attention_mask=use_mask, warn_truncation=False)
-        if do_classifier_free_guidance:
-            negative_prompt_embeds = tc.repeat_per_prompt(negative_prompt_embeds.to(dtype=dtype, device=device),
-                                                          num_images_per_prompt)
-        return prompt_embeds, negative_prompt_embeds
+        return tc.encode_prompts(self.tokenizer, self.text_encoder, prompt, device, num_images_per_prompt,
+                                 do_classifier_free_guidance, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                 max_length=max_length, dtype=dtype, use_attention_mask=use_mask, clip_skip=clip_skip)
 
     def _conditioning(self, prompt: Any, negative_prompt: Any, prompt_embeds: torch.Tensor | None,
                       negative_prompt_embeds: torch.Tensor | None, num_images_per_prompt: int,

@@ -91,6 +91,34 @@ def postprocess_images(image: torch.Tensor, output_type: str, do_denormalize: Se
     return numpy_to_pil(array) if output_type == "pil" else array
 
 
+class GuidedCallState:
+    """What a step callback may read of the running call, as in diffusers: the guidance scale, whether
+    classifier-free guidance runs (a scale above 1) and the number of timesteps. Pipelines set
+    ``_guidance_scale`` and ``_num_timesteps`` during a call."""
+
+    _guidance_scale: float = 1.0
+    _num_timesteps: int = 0
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+
+def check_callback_tensor_inputs(names: Sequence[str], allowed: Sequence[str]) -> None:
+    """Raise ValueError when a step callback asks for tensors the pipeline does not hand out."""
+    unknown = [k for k in names if k not in allowed]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among {list(allowed)}")
+
+
 def unet_prediction(unet: Any, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """The output tensor of a diffusers-style UNet call, ``unet(x, t, **kwargs).sample``: a loop's ``predict``."""
     return unet(x, t, **kwargs).sample

@@ -1,6 +1,7 @@
-"""The pieces every text-conditioned latent pipeline (Stable Diffusion, LDM) shares, one implementation each.
+"""The pieces every text-conditioned pipeline (Stable Diffusion, LDM, DeepFloyd IF) shares, one implementation each.
 
-- prompt encoding: tokenise to a fixed length, run the text encoder, repeat per image;
+- prompt encoding: tokenise to a fixed length, run the text encoder, repeat per image; a prompt and
+  its negative under guidance (:func:`encode_prompts`);
 - the guidance-scale embedding of guidance-distilled UNets (the guidance itself is
   :mod:`fusediff.sampling.guidance`, timesteps and start noise the rest of :mod:`fusediff.sampling`);
 - batches: images spread over prompts, image sizes;
@@ -19,7 +20,7 @@ IP-Adapter embeddings; PIL inputs that are not RGB are converted to RGB (diffuse
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,19 @@ def negative_texts(prompt: str | list[str] | None, negative_prompt: str | list[s
     return list(negative_prompt)
 
 
+def tokenize(tokenizer: Any, texts: str | list[str], max_length: int, *, warn_truncation: bool = True) -> Any:
+    """The tokenizer's output (``input_ids``, ``attention_mask``) of ``texts`` padded and truncated to
+    ``max_length``; a warning names what truncation dropped."""
+    inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    if warn_truncation:
+        ids = inputs.input_ids
+        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] >= ids.shape[-1] and not torch.equal(ids, full):
+            lost = tokenizer.batch_decode(full[:, max_length - 1:-1])
+            logger.warning("the prompt was truncated to %d tokens; dropped: %s", max_length, lost)
+    return inputs
+
+
 def encode_text(tokenizer: Any, text_encoder: Any, texts: str | list[str], max_length: int,
                 device: torch.device, *, use_attention_mask: bool = False, clip_skip: int | None = None,
                 warn_truncation: bool = True) -> torch.Tensor:
@@ -86,13 +100,8 @@ def encode_text(tokenizer: Any, text_encoder: Any, texts: str | list[str], max_l
 
     ``clip_skip`` = k takes the hidden state k layers before the last, through the final layer norm.
     """
-    inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    inputs = tokenize(tokenizer, texts, max_length, warn_truncation=warn_truncation)
     ids = inputs.input_ids
-    if warn_truncation:
-        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] >= ids.shape[-1] and not torch.equal(ids, full):
-            lost = tokenizer.batch_decode(full[:, max_length - 1:-1])
-            logger.warning("the prompt was truncated to %d tokens; dropped: %s", max_length, lost)
     mask = inputs.attention_mask.to(device) if use_attention_mask else None
     if clip_skip is None:
         return text_encoder(ids.to(device), attention_mask=mask)[0]
@@ -105,6 +114,38 @@ def repeat_per_prompt(embeds: torch.Tensor, num_images_per_prompt: int) -> torch
     """(B, S, D) -> (B * n, S, D), each prompt's rows kept together."""
     batch, seq, _ = embeds.shape
     return embeds.repeat(1, num_images_per_prompt, 1).view(batch * num_images_per_prompt, seq, -1)
+
+
+def encode_prompts(tokenizer: Any, text_encoder: Any, prompt: str | list[str] | None, device: torch.device,
+                   num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                   negative_prompt: str | list[str] | None = None, prompt_embeds: torch.Tensor | None = None,
+                   negative_prompt_embeds: torch.Tensor | None = None, *, max_length: int | None,
+                   dtype: torch.dtype, use_attention_mask: bool = False, clip_skip: int | None = None,
+                   preprocess: Callable[[list[str]], list[str]] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt embeddings, negative ones), each (B * num_images_per_prompt, S, D), as diffusers' text
+    pipelines encode them: the prompt (unless its embeddings are given), then, under guidance, the
+    negative prompt or "" padded to the prompt's length. ``preprocess`` maps the texts first (DeepFloyd
+    IF lower-cases and strips them). Without guidance the negative embeddings are returned as given."""
+    batch_size = batch_size_of(prompt, prompt_embeds)
+    texts_of = preprocess or (lambda texts: texts)
+    if prompt_embeds is None:
+        if tokenizer is None or text_encoder is None:
+            raise ValueError("this pipeline has no tokenizer or text encoder: pass prompt_embeds")
+        texts = texts_of([prompt] if isinstance(prompt, str) else list(prompt))
+        prompt_embeds = encode_text(tokenizer, text_encoder, texts, max_length, device,
+                                    use_attention_mask=use_attention_mask, clip_skip=clip_skip)
+    prompt_embeds = repeat_per_prompt(prompt_embeds.to(dtype=dtype, device=device), num_images_per_prompt)
+    if do_classifier_free_guidance and negative_prompt_embeds is None:
+        if tokenizer is None or text_encoder is None:
+            raise ValueError("this pipeline has no tokenizer or text encoder: pass negative_prompt_embeds")
+        texts = texts_of(negative_texts(prompt, negative_prompt, batch_size))
+        negative_prompt_embeds = encode_text(tokenizer, text_encoder, texts, prompt_embeds.shape[1], device,
+                                             use_attention_mask=use_attention_mask, warn_truncation=False)
+    if do_classifier_free_guidance:
+        negative_prompt_embeds = repeat_per_prompt(negative_prompt_embeds.to(dtype=dtype, device=device),
+                                                   num_images_per_prompt)
+    return prompt_embeds, negative_prompt_embeds
 
 
 # -- guidance-distilled UNets -----------------------------------------------------------------
