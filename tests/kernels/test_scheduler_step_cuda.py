@@ -116,7 +116,7 @@ def test_cuda_graph_replays_with_new_coefficients():
             K.scheduler_step(state, m, table[i], out=state)
 
     def fill(seed):
-        alphas = sorted(random.Random(seed).uniform(0.05, 0.95) for _ in range(4))
+        alphas = sorted(rng.uniform(0.05, 0.95) for rng in [random.Random(seed)] for _ in range(4))
         rows = [SC.ddim(alphas[i], alphas[i + 1], prediction_type="v_prediction") for i in range(3)]
         table.copy_(torch.stack([r.to_tensor("cuda") for r in rows]))
         return rows

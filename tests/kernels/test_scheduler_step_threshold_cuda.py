@@ -149,7 +149,7 @@ def test_cuda_graph_replays_with_new_inputs_and_coefficients():
         both.copy_(torch.cat([rand((3, *shape), torch.float16, g, 2.0),
                               torch.rand((3, *shape), generator=g, device="cuda").mul(2).sub(1).half()], dim=2))
         noise.copy_(rand((3, *shape), torch.float16, g, 1.0))
-        abar = sorted(random.Random(seed).uniform(0.05, 0.95) for _ in range(4))
+        abar = sorted(rng.uniform(0.05, 0.95) for rng in [random.Random(seed)] for _ in range(4))
         rows = []
         for i in range(3):
             v_a, v_b = SC.ddpm_learned_range(abar[i], abar[i + 1])
