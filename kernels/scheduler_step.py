@@ -134,8 +134,11 @@ def _check_out(name: str, t: torch.Tensor, sample: torch.Tensor, inputs: Sequenc
     lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     for x in inputs:
         x_lo = x.data_ptr()
-        exact = x_lo == lo and x.stride() == t.stride()
-        if not exact and x_lo < hi and lo < x_lo + _extent(x):
+        same_layout = x.stride() == t.stride()
+        if x_lo == lo and same_layout:
+            continue  # the input itself (out=sample)
+        x_hi = x_lo + (x.numel() * x.element_size() if same_layout else _extent(x))  # _extent: batch-strided views
+        if x_lo < hi and lo < x_hi:
             raise ValueError(f"scheduler_step: {name} partly overlaps an input (it may only be one exactly)")
 
 

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 from support.spy import record_calls
+from support.cuda_graphs import warm_and_capture
 from support.tolerance import assert_within_ref_error
 
 from fusediff import kernels as K
@@ -122,14 +123,7 @@ def test_cuda_graph_replays_with_new_coefficients():
         return rows
 
     fill(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        loop()  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loop()
+    graph = warm_and_capture(loop)
     for seed in (1, 2):
         rows = fill(seed)
         state.copy_(x0)
